@@ -93,8 +93,8 @@ class FlowBlock(nn.Module):
 
         ``rows_bias`` (G, B|1, T, C): positional + class term per branch (G = 2 with guidance: conditional rows
         then unconditional rows, run as one batch). ``kv_cache`` (K, 2, G*B, H, >=T-1, d) is scratch space that
-        this call overwrites. ``guidance_weights`` (T-1, 2D or D): per-step weight g of θ + g(θ − θ_uncond),
-        zero for the halves not guided. ``q_scale``: per-row attention temperature for the decode path.
+        this call overwrites. ``guidance_weights`` (T-1, 2D or D): per-step 1 + g, for θ + g(θ − θ_uncond),
+        with g = 0 for the halves not guided. ``q_scale``: per-row attention temperature for the decode path.
         """
         x = self.permute(z).clone()
         B, T, _ = x.shape
@@ -105,11 +105,11 @@ class FlowBlock(nn.Module):
                 h = layer.decode(h, kv_cache[layer_idx], i, q_scale)
             o = self.proj_out(h)
             if guidance_weights is not None:
-                cond_o, uncond_o = o[:B], o[B:]
-                o = cond_o + guidance_weights[i] * (cond_o - uncond_o)
+                # lerp(u, c, 1 + w) = c + w·(c − u), evaluated by torch as c − (c − u)·(−w): one kernel.
+                o = torch.lerp(o[B:], o[:B], guidance_weights[i])
             a, b = self._split(o)
             if a is None:
-                x[:, i + 1] = x[:, i + 1] + b
+                x[:, i + 1] += b
             else:
-                x[:, i + 1] = x[:, i + 1] * torch.exp(at_least_fp32(a)).to(a.dtype) + b
+                torch.addcmul(b, x[:, i + 1], torch.exp(at_least_fp32(a)).to(a.dtype), out=x[:, i + 1])
         return self.permute(x)

@@ -170,7 +170,7 @@ class TarFlow(nn.Module):
         halves = [("a" in guide_what)] if c.nvp else []
         halves.append("b" in guide_what)
         mask = torch.tensor(halves, dtype=torch.float64).repeat_interleave(c.patch_dim)
-        weights = (g[:, None] * mask[None]).to(device=like.device, dtype=like.dtype)
+        weights = (1.0 + g[:, None] * mask[None]).to(device=like.device, dtype=like.dtype)
         q_scale = None
         if attn_temp != 1.0:
             q_scale = torch.ones(2 * batch, 1, 1, 1, dtype=like.dtype, device=like.device)
