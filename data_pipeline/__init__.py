@@ -1,0 +1,90 @@
+"""The data path: from the ``data`` config and this process's rank to batches that resume exactly.
+
+Imports nothing from models/, trainer/ or cluster/. A format (how samples are stored) is one entry of
+``FORMATS``: adding webdataset or MDS is a new module and one line there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from .config import DataConfig
+from .embedded import EmbeddedImages, load_embedded, split_heldout
+from .memory_loader import InMemoryLoader
+
+SPLITS = ("train", "heldout")
+
+
+class Loader(Protocol):
+    """What the trainer may rely on, whatever the format."""
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def state_dict(self) -> dict[str, int]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One storage format: how to build a loader, and what its images look like without loading batches."""
+
+    build: Callable[..., Loader]  # (cfg, split, batch_size, *, seed, rank, world_size) -> Loader
+    info: Callable[[DataConfig], tuple[tuple[int, int, int], int]]  # cfg -> ((C, H, W), num_classes)
+
+
+def _build_embedded(
+    cfg: DataConfig, split: str, batch_size: int, *, seed: int, rank: int, world_size: int
+) -> InMemoryLoader:
+    data = load_embedded(cfg.source)
+    # The split uses cfg.split_seed, never the training seed: bits/dim stay comparable across runs.
+    train_idx, heldout_idx = split_heldout(len(data.images), cfg.heldout_fraction, cfg.split_seed)
+    train = split == "train"
+    idx = train_idx if train else heldout_idx
+    return InMemoryLoader(
+        data.images[idx], data.labels[idx], batch_size,
+        seed=seed, shuffle=train, repeat=train, drop_last=train, random_flip=train and cfg.random_flip,
+        rank=rank, world_size=world_size,
+    )
+
+
+def _embedded_info(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+    data = load_embedded(cfg.source)
+    c, h, w = data.images.shape[1:]
+    return (c, h, w), data.num_classes
+
+
+FORMATS: dict[str, DataFormat] = {
+    "embedded": DataFormat(build=_build_embedded, info=_embedded_info),
+}
+
+
+def _format(cfg: DataConfig) -> DataFormat:
+    if cfg.format not in FORMATS:
+        raise ValueError(f"data.format={cfg.format!r} is not supported yet; choose one of {list(FORMATS)}")
+    return FORMATS[cfg.format]
+
+
+def build_loader(
+    cfg: DataConfig, split: str, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+) -> Loader:
+    """``train``: shuffled, endless, drop_last, flips per cfg. ``heldout``: natural order, one epoch, all samples."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    return _format(cfg).build(cfg, split, batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+def dataset_info(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """((C, H, W), num_classes) of the configured data set."""
+    return _format(cfg).info(cfg)
+
+
+__all__ = [
+    "DataConfig", "DataFormat", "EmbeddedImages", "FORMATS", "InMemoryLoader", "Loader",
+    "build_loader", "dataset_info", "load_embedded", "split_heldout",
+]

@@ -1,0 +1,154 @@
+"""Training runs end to end on the embedded digits: learning, exact resume, NaN handling."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer.strategy as strategy_module
+from models import TarFlow
+from trainer.checkpoint import CheckpointManager, load_checkpoint_file
+from trainer.config import load_config
+from trainer.loop import NonFiniteLossError, train
+
+TINY = ["model.channels=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
+        "train.global_batch=32", "train.micro_batch=16", "schedule.warmup_steps=5", "optim.lr=3e-3",
+        "eval.every=0", "sample.every=0", "sample.num=8", "logging.every=5", "logging.progress=false"]
+
+
+def tiny_config(run_dir: Path, *extra: str):
+    return load_config(None, [*TINY, f"train.run_dir={run_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained")
+    result = train(tiny_config(run_dir, "train.steps=60", "checkpoint.every=20"))
+    return result
+
+
+def test_short_run_lowers_heldout_bits_per_dim(trained_run):
+    assert trained_run.initial_bits_per_dim > 8.0  # an untrained flow is near the 8-bit uniform density
+    assert trained_run.final_bits_per_dim < trained_run.initial_bits_per_dim - 1.0
+
+
+def test_run_directory_holds_config_metrics_samples_and_checkpoints(trained_run):
+    run_dir = trained_run.run_dir
+    assert load_config(run_dir / "config.yaml").train.steps == 60
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == list(range(5, 61, 5))
+    evals = [r for r in records if "eval/bits_per_dim" in r]
+    assert [r["step"] for r in evals] == [0, 60]
+    assert evals[0]["eval/bits_per_dim"] == pytest.approx(trained_run.initial_bits_per_dim)
+    assert evals[-1]["eval/bits_per_dim"] == pytest.approx(trained_run.final_bits_per_dim)
+    assert {"train/bits_per_dim", "train/prior", "train/logdet", "train/lr", "train/grad_norm",
+            "train/images_per_second", "train/tokens_per_second"} <= set(records[-2])
+    assert records[0]["model/parameters"] > 0 and records[0]["model/train_flops_per_image"] > 0
+    names = {p.name for p in (run_dir / "samples").iterdir()}
+    assert {"final_g0.png", "final_g1.png", "final_g0_denoised.png", "final_g1_denoised.png",
+            "final_samples.npz"} <= names
+    assert CheckpointManager(run_dir / "checkpoints").steps() == [40, 60]  # keep=2 of 20, 40, 60
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_bits_per_dim"] == trained_run.final_bits_per_dim
+
+
+def test_train_loss_bits_per_dim_is_consistent_with_loss(trained_run):
+    import math
+    records = [json.loads(line) for line in (trained_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    r = [r for r in records if "train/loss" in r][-1]
+    expected = (r["train/loss"] + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)
+    assert r["train/bits_per_dim"] == pytest.approx(expected, rel=1e-12)
+    assert r["train/loss"] == pytest.approx(r["train/prior"] - r["train/logdet"], rel=1e-6)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after(monkeypatch, calls: int):
+    original = strategy_module.SingleDevice.step
+    count = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise Crash("simulated crash")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(strategy_module.SingleDevice, "step", step)
+
+
+def final_state(run_dir: Path, step: int) -> dict:
+    return load_checkpoint_file(CheckpointManager(run_dir / "checkpoints").path_for(step))["strategy"]
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
+    extra = ["train.steps=24", "checkpoint.every=8", "data.random_flip=true", "train.label_drop=0.3"]
+    train(tiny_config(tmp_path / "straight", *extra))
+
+    crash_after(monkeypatch, 13)  # dies during step 14: the last checkpoint is step 8
+    with pytest.raises(Crash):
+        train(tiny_config(tmp_path / "crashed", *extra))
+    monkeypatch.undo()
+    assert CheckpointManager(tmp_path / "crashed" / "checkpoints").steps() == [8]
+    result = train(tiny_config(tmp_path / "crashed", *extra))  # resume=auto
+    assert result.step == 24
+
+    a, b = final_state(tmp_path / "straight", 24), final_state(tmp_path / "crashed", 24)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+    lines = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    losses = lambda d: [(r["step"], r["train/loss"]) for r in lines(d) if "train/loss" in r]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "crashed")
+
+
+def nan_loss_on(monkeypatch, bad_calls: set[int]):
+    original = TarFlow.loss
+    count = {"n": 0}
+
+    def loss(z, logdets):
+        count["n"] += 1
+        value = original(z, logdets)
+        return value * float("nan") if count["n"] in bad_calls else value
+
+    monkeypatch.setattr(TarFlow, "loss", staticmethod(loss))
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    # Micro-batches 7 and 8 (both halves of step 4) and 13 (first half of step 7) are NaN.
+    nan_loss_on(monkeypatch, {7, 8, 13})
+    result = train(tiny_config(tmp_path, "train.steps=10", "checkpoint.every=0", "eval.at_start=false"))
+    assert result.nonfinite_steps == 2
+    state = load_checkpoint_file(result.checkpoint)["strategy"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    steps_taken = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps_taken == {8}  # 10 steps, 2 skipped: the optimizer never saw a NaN gradient
+
+
+def test_a_run_that_keeps_producing_nans_stops_without_a_poisoned_checkpoint(tmp_path, monkeypatch):
+    nan_loss_on(monkeypatch, set(range(2 * 11 + 1, 1000)))  # every micro-batch from step 12 on
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps had a NaN/Inf loss"):
+        train(tiny_config(tmp_path, "train.steps=40", "checkpoint.every=5", "train.max_nonfinite_steps=3",
+                          "eval.at_start=false"))
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    assert manager.steps() == [5, 10]
+    state = manager.load_latest()["strategy"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resume_never_refuses_to_overwrite_checkpoints(trained_run):
+    cfg = tiny_config(trained_run.run_dir, "train.steps=60", "train.resume=never")
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(cfg)
+
+
+def test_model_and_data_mismatch_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="model.num_classes=7 but the data has 10 classes"):
+        train(tiny_config(tmp_path, "model.num_classes=7"))
+    with pytest.raises(ValueError, match=r"do not match the data's images \(1, 8, 8\)"):
+        train(tiny_config(tmp_path, "model.in_channels=3"))

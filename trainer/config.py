@@ -1,0 +1,238 @@
+"""The training configuration: OmegaConf structured configs built from typed dataclasses.
+
+A run's config is the dataclass defaults (the embedded digits run), then a YAML file, then ``key=value`` overrides.
+Every layer is checked against the schema before it is merged, so a typo fails at once with the closest valid key;
+values are type-checked by OmegaConf and range-checked here, each error naming its key. Sections flow down as
+typed objects: ``TarFlow(cfg.model)``, ``build_loader(cfg.data, ...)``, ``build_optimizer(model, cfg.optim)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig
+from models import TarFlowConfig
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message names the offending key."""
+
+
+def _digits_model() -> TarFlowConfig:
+    return TarFlowConfig(in_channels=1, img_size=8, patch_size=2, channels=128, head_dim=32, num_blocks=4,
+                         layers_per_block=2, num_classes=10)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    # The reference decays every parameter; False exempts LayerNorms, biases and embeddings.
+    decay_norms_biases_embeddings: bool = True
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    min_lr: float = 1e-6  # floor of the cosine, held after train.steps
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/digits"
+    steps: int = 1000
+    global_batch: int = 128  # images per optimizer step, over all data-parallel ranks
+    micro_batch: int = 128   # images per forward pass on one rank; the rest is gradient accumulation
+    noise: str = "uniform"   # "uniform": dequantisation (bits/dim runs) | "gaussian": x + noise_std·ε
+    noise_std: float = 0.05  # for noise=gaussian; also the σ of the denoising step
+    label_drop: float = 0.1  # probability of dropping a label (→ −1) for classifier-free guidance
+    seed: int = 0
+    device: str = "auto"     # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on bf16-capable CUDA, fp32 otherwise and for uniform noise) | fp32 | bf16
+    strategy: str = "single"
+    max_nonfinite_steps: int = 10  # consecutive skipped (NaN/Inf) steps before the run stops
+    resume: str = "auto"     # auto (newest checkpoint in run_dir, if any) | never | path to a checkpoint
+
+
+@dataclass
+class EvalConfig:
+    every: int = 250      # steps between held-out bits/dim; 0: only at the start and the end
+    at_start: bool = True
+    batch_size: int = 256
+    max_images: int = 0   # 0: the whole held-out split
+
+
+@dataclass
+class SampleConfig:
+    every: int = 0        # steps between sample grids; 0: only at the end
+    num: int = 64
+    guidance: float = 1.0  # the guided grid's weight (a grid without guidance is always made)
+    attn_temp: float = 1.0
+    annealed: bool = False
+    denoise: bool = True
+    seed: int = 1234      # fixed noise and labels, so grids of different steps are comparable
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 50
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "tarflow"
+    wandb_mode: str = "offline"  # offline unless you configure a server and choose "online"
+    peak_flops: float = 0.0      # per-device peak FLOP/s for MFU; 0: a known accelerator's, else no MFU
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 250   # steps between checkpoints (one is always written at the end)
+    keep: int = 2      # newest checkpoints kept in run_dir/checkpoints
+
+
+@dataclass
+class Config:
+    model: TarFlowConfig = field(default_factory=_digits_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+NOISE_KINDS = ("uniform", "gaussian")
+PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("single",)  # grows with trainer.strategy's registry
+
+
+# ---------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
+    """Defaults (or ``base``) ← YAML file ← ``key=value`` overrides, checked and validated; the typed config."""
+    merged: DictConfig = OmegaConf.structured(base if base is not None else Config)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        layers.append((str(path), OmegaConf.load(path)))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for origin, layer in layers:
+        _check_keys(OmegaConf.to_container(layer), Config, prefix="", origin=origin)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            message = str(getattr(e, "msg", e)).splitlines()[0]
+            raise ConfigError(f"{getattr(e, 'full_key', None) or origin}: {message}") from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except (ValueError, OmegaConfBaseException) as e:  # TarFlowConfig validates itself on construction
+        raise ConfigError(str(e).replace("TarFlowConfig.", "model.")) from None
+    validate(cfg)
+    return cfg
+
+
+def _check_keys(node: Any, schema: type, prefix: str, origin: str) -> None:
+    if not isinstance(node, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{full}' (from {origin}){hint}")
+        sub = fields[key].type
+        sub_type = _dataclass_type(sub, schema)
+        if sub_type is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give its fields, e.g. {full}.<field>=...")
+            _check_keys(value, sub_type, prefix=f"{full}.", origin=origin)
+
+
+def _dataclass_type(annotation: Any, owner: type) -> type | None:
+    """The dataclass behind a field annotation (annotations are strings under ``from __future__``)."""
+    if isinstance(annotation, str):
+        import sys
+        annotation = {**vars(sys.modules[owner.__module__])}.get(annotation, None)
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
+# ---------------------------------------------------------------- validation
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Range and cross-field checks, each naming its key. ``world_size`` is the data-parallel size."""
+    t, o = cfg.train, cfg.optim
+    _require(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _require(t.micro_batch >= 1, "train.micro_batch", f"must be >= 1, got {t.micro_batch}")
+    per_step = t.micro_batch * world_size
+    _require(t.global_batch >= 1 and t.global_batch % per_step == 0, "train.global_batch",
+             f"{t.global_batch} is not divisible by train.micro_batch × data-parallel size = "
+             f"{t.micro_batch} × {world_size} = {per_step}")
+    _require(t.noise in NOISE_KINDS, "train.noise", f"must be one of {NOISE_KINDS}, got {t.noise!r}")
+    _require(t.noise_std > 0, "train.noise_std", f"must be > 0, got {t.noise_std}")
+    _require(0 <= t.label_drop < 1, "train.label_drop", f"must be in [0, 1), got {t.label_drop}")
+    _require(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
+    _require(t.strategy in STRATEGIES, "train.strategy", f"must be one of {STRATEGIES}, got {t.strategy!r}")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+             f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two numbers in [0, 1), got {list(o.betas)}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+    s = cfg.schedule
+    _require(0 <= s.warmup_steps < t.steps, "schedule.warmup_steps",
+             f"must be in [0, train.steps={t.steps}), got {s.warmup_steps}")
+    _require(0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr={o.lr}], got {s.min_lr}")
+    for key, value in (("eval.every", cfg.eval.every), ("sample.every", cfg.sample.every),
+                       ("logging.every", cfg.logging.every), ("checkpoint.every", cfg.checkpoint.every),
+                       ("eval.max_images", cfg.eval.max_images)):
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    _require(cfg.logging.every >= 1, "logging.every", f"must be >= 1, got {cfg.logging.every}")
+    _require(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
+    _require(cfg.sample.num >= 1, "sample.num", f"must be >= 1, got {cfg.sample.num}")
+    _require(cfg.sample.attn_temp > 0, "sample.attn_temp", f"must be > 0, got {cfg.sample.attn_temp}")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
+             f"must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
+
+
+# ---------------------------------------------------------------- persistence
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    """Identity of the resolved config, stored with checkpoints."""
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def from_yaml_text(text: str) -> Config:
+    """Rebuild a typed config from a saved resolved config (checkpoints carry theirs)."""
+    layer = OmegaConf.create(text)
+    _check_keys(OmegaConf.to_container(layer), Config, prefix="", origin="saved config")
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), layer))
+    validate(cfg)
+    return cfg
