@@ -64,150 +64,183 @@ def check_model_matches_data(cfg: Config) -> None:
                          f"{num_classes} (class-conditional) or 0 (unconditional)")
 
 
-def train(cfg: Config) -> TrainResult:
-    world_size, rank = 1, 0
-    validate(cfg, world_size)
-    check_model_matches_data(cfg)
-    t, started = cfg.train, time.perf_counter()
-    device = resolve_device(t.device)
-    precision = resolve_precision(t.precision, device, t.noise)
-    run_dir = Path(t.run_dir)
-    checkpoints = CheckpointManager(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
-    if t.resume == "never" and checkpoints.steps():
-        raise ValueError(f"train.resume=never but {checkpoints.directory} already holds checkpoints; choose a new "
-                         f"train.run_dir or resume=auto (refusing to overwrite them)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+class Trainer:
+    """One training run: built from a validated config, resumed from the newest checkpoint when there is one.
 
-    seed_everything(t.seed)
-    model = TarFlow(cfg.model)
-    strategy = build_strategy(t.strategy, device)
-    strategy.setup(model, cfg.optim)
-    schedule = build_schedule(cfg)
-    train_loader = build_loader(cfg.data, "train", t.micro_batch, seed=t.seed, rank=rank, world_size=world_size)
-    heldout_loader = build_loader(cfg.data, "heldout", cfg.eval.batch_size, seed=0, rank=rank,
-                                  world_size=world_size)
+    ``run()`` trains to ``train.steps``; evaluation, samples and checkpoints happen at their intervals and at the end.
+    """
 
-    run = RunState()
-    saved = checkpoints.resume(t.resume)
-    if saved is not None:
-        if saved.get("config_hash") != config_hash(cfg):
+    def __init__(self, cfg: Config):
+        self.world_size, self.rank = 1, 0
+        validate(cfg, self.world_size)
+        check_model_matches_data(cfg)
+        self.cfg, t = cfg, cfg.train
+        self.device = resolve_device(t.device)
+        self.precision = resolve_precision(t.precision, self.device, t.noise)
+        self.run_dir = Path(t.run_dir)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        if t.resume == "never" and self.checkpoints.steps():
+            raise ValueError(f"train.resume=never but {self.checkpoints.directory} already holds checkpoints; choose "
+                             f"a new train.run_dir or resume=auto (refusing to overwrite them)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+
+        seed_everything(t.seed)
+        self.strategy = build_strategy(t.strategy, self.device)
+        self.strategy.setup(TarFlow(cfg.model), cfg.optim)
+        self.model = self.strategy.unwrapped
+        self.schedule = build_schedule(cfg)
+        self.accumulation = t.global_batch // (t.micro_batch * self.world_size)
+        self.train_loader = build_loader(cfg.data, "train", t.micro_batch, seed=t.seed, rank=self.rank,
+                                         world_size=self.world_size)
+        self.heldout_loader = build_loader(cfg.data, "heldout", cfg.eval.batch_size, seed=0, rank=self.rank,
+                                           world_size=self.world_size)
+        self.window = _Window(self.device)
+        self.state = RunState()
+        self._resume()
+        self.logger = self._build_logger()
+        self.flops = flops_per_image(cfg.model)
+        self.peak_flops = cfg.logging.peak_flops or default_peak_flops(
+            self.device, self.precision.autocast_dtype or torch.float32)
+        self.sample_noise, self.sample_labels = fixed_noise_and_labels(self.model, cfg.sample.num, cfg.sample.seed)
+
+    # ---------------------------------------------------------------- setup
+    def _resume(self) -> None:
+        saved = self.checkpoints.resume(self.cfg.train.resume)
+        if saved is None:
+            return
+        if saved.get("config_hash") != config_hash(self.cfg):
             print(f"note: resuming from a checkpoint written with a different config (step {saved['step']})")
-        strategy.load_state_dict(saved["strategy"])
-        run = RunState.from_dict(saved["run"])
-        train_loader.load_state_dict(run.loader)
-        restore_rng(run.rng, device)
-        print(f"resumed from step {run.step} ({checkpoints.directory})")
+        self.strategy.load_state_dict(saved["strategy"])
+        self.state = RunState.from_dict(saved["run"])
+        self.train_loader.load_state_dict(self.state.loader)
+        self.window.load_state_dict(self.state.metric_window)
+        restore_rng(self.state.rng, self.device)
+        print(f"resumed from step {self.state.step} ({self.checkpoints.directory})")
 
-    sinks = [ConsoleSink(total_steps=t.steps, bar_width=20 if cfg.logging.progress else 0, extra=False),
-             # Records past the resumed step are dropped: this run logs those steps again.
-             JsonlSink(run_dir / "metrics.jsonl", truncate_after_step=run.step)]
-    if cfg.logging.wandb:
-        sinks.append(WandbSink(project=cfg.logging.wandb_project, run_dir=str(run_dir),
-                               config=_plain(cfg), run_name=run_dir.name,
-                               mode=cfg.logging.wandb_mode))
-    logger = MetricLogger(sinks)
+    def _build_logger(self) -> MetricLogger:
+        cfg = self.cfg
+        sinks = [ConsoleSink(total_steps=cfg.train.steps, bar_width=20 if cfg.logging.progress else 0, extra=False),
+                 # Records past the resumed step are dropped: this run logs those steps again.
+                 JsonlSink(self.run_dir / "metrics.jsonl", truncate_after_step=self.state.step)]
+        if cfg.logging.wandb:
+            sinks.append(WandbSink(project=cfg.logging.wandb_project, run_dir=str(self.run_dir),
+                                   config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                   run_name=self.run_dir.name, mode=cfg.logging.wandb_mode))
+        return MetricLogger(sinks)
 
-    flops = flops_per_image(cfg.model)
-    peak = cfg.logging.peak_flops or default_peak_flops(device, precision.autocast_dtype or torch.float32)
-    accumulation = t.global_batch // (t.micro_batch * world_size)
-    unwrapped = strategy.unwrapped
-    conditional = cfg.model.num_classes > 0
-    sample_noise, sample_labels = fixed_noise_and_labels(unwrapped, cfg.sample.num, cfg.sample.seed)
+    # ---------------------------------------------------------------- the run
+    def run(self) -> TrainResult:
+        started = time.perf_counter()
+        cfg, state = self.cfg, self.state
+        try:
+            self.logger.log(state.step, {"model/parameters": num_parameters(self.model),
+                                         "model/train_flops_per_image": self.flops.train,
+                                         "train/accumulation_steps": self.accumulation})
+            if state.step == 0 and cfg.eval.at_start:
+                state.initial_bits_per_dim = self.evaluate()
+            batches = iter(self.train_loader)
+            while state.step < cfg.train.steps:
+                lr = self.train_step(batches)
+                self._after_step(lr)
+            final_bpd = self.evaluate()
+            grids = self.sample("final_")
+            if self.checkpoints.steps()[-1:] != [state.step]:
+                self.save_checkpoint()
+        finally:
+            self.logger.close()
+        result = TrainResult(run_dir=self.run_dir, step=state.step, initial_bits_per_dim=state.initial_bits_per_dim,
+                             final_bits_per_dim=final_bpd, checkpoint=self.checkpoints.path_for(state.step),
+                             sample_grids=grids, nonfinite_steps=state.nonfinite_total,
+                             seconds=time.perf_counter() - started)
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(
+            {k: str(v) if isinstance(v, Path) else ([str(p) for p in v] if isinstance(v, list) else v)
+             for k, v in result.__dict__.items()}, indent=2) + "\n")
+        return result
 
-    def evaluate() -> float:
-        bpd, n = heldout_bits_per_dim(unwrapped, heldout_loader, device, max_images=cfg.eval.max_images)
-        logger.log(run.step, {"eval/bits_per_dim": bpd, "eval/images": n})
+    def train_step(self, batches) -> float:
+        """One optimizer step over ``accumulation`` micro-batches; returns the learning rate it used."""
+        t, state = self.cfg.train, self.state
+        lr = self.schedule.lr(state.step + 1)
+        for micro in range(self.accumulation):
+            x, y = next(batches)
+            x = corrupt(x.to(self.device, non_blocking=True), t.noise, t.noise_std)
+            y = drop_labels(y.to(self.device, non_blocking=True), t.label_drop) if self.model.config.num_classes \
+                else None
+            # Gradients are reduced across ranks only on the last micro-batch of a step.
+            last = micro == self.accumulation - 1
+            with self.strategy.accumulating() if not last else contextlib.nullcontext():
+                with self.precision.autocast(self.device):
+                    z, logdets = self.strategy.model(x, y)
+                    loss = TarFlow.loss(z, logdets)
+                self.strategy.backward(loss / self.accumulation)
+            self.window.add_micro(loss.detach(), 0.5 * z.detach().float().pow(2).mean(), logdets.detach().mean(),
+                                  1.0 / self.accumulation)
+        result = self.strategy.step(lr, self.cfg.optim.grad_clip, self.window.step_loss_finite())
+        state.step += 1
+        state.images_seen += t.global_batch
+        self.window.end_step(result.grad_norm, result.applied, t.global_batch)
+        if result.applied:
+            state.nonfinite_consecutive = 0
+            return lr
+        state.nonfinite_total += 1
+        state.nonfinite_consecutive += 1
+        if state.nonfinite_consecutive >= t.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_consecutive} consecutive steps had a NaN/Inf loss or gradient (step {state.step}); "
+                f"stopping without a checkpoint. Lower optim.lr, enable optim.grad_clip, or check the data. "
+                f"The last good checkpoint is in {self.checkpoints.directory}.")
+        return lr
+
+    def _after_step(self, lr: float) -> None:
+        cfg, step = self.cfg, self.state.step
+        due = lambda every: every and step % every == 0  # noqa: E731
+        if due(cfg.logging.every) or step == cfg.train.steps:
+            metrics = self.window.flush(lr)
+            metrics["train/tokens_per_second"] = metrics["train/images_per_second"] * cfg.model.num_patches
+            if self.peak_flops:
+                metrics["train/mfu"] = mfu(metrics["train/images_per_second"] * self.flops.train,
+                                           self.peak_flops * self.world_size)
+            if self.state.nonfinite_total:
+                metrics["train/nonfinite_steps"] = self.state.nonfinite_total
+            self.logger.log(step, metrics)
+        if due(cfg.eval.every) and step < cfg.train.steps:
+            self.evaluate()
+        if due(cfg.sample.every) and step < cfg.train.steps:
+            self.sample(f"step{step:08d}_")
+        if due(cfg.checkpoint.every):
+            self.save_checkpoint()
+
+    # ---------------------------------------------------------------- evaluation, samples, checkpoints
+    def evaluate(self) -> float:
+        bpd, n = heldout_bits_per_dim(self.model, self.heldout_loader, self.device,
+                                      max_images=self.cfg.eval.max_images)
+        self.logger.log(self.state.step, {"eval/bits_per_dim": bpd, "eval/images": n})
         return bpd
 
-    def sample(prefix: str) -> list[Path]:
-        result = generate(unwrapped, sample_noise, sample_labels, guidances=sample_config_guidances(cfg.sample),
-                          attn_temp=cfg.sample.attn_temp, annealed=cfg.sample.annealed,
-                          denoise_std=denoise_std(t.noise, t.noise_std) if cfg.sample.denoise else None,
-                          device=device, precision=precision)
+    def sample(self, prefix: str) -> list[Path]:
+        cfg, t = self.cfg.sample, self.cfg.train
+        result = generate(self.model, self.sample_noise, self.sample_labels, guidances=sample_config_guidances(cfg),
+                          attn_temp=cfg.attn_temp, annealed=cfg.annealed,
+                          denoise_std=denoise_std(t.noise, t.noise_std) if cfg.denoise else None,
+                          device=self.device, precision=self.precision)
         if any(result.nonfinite.values()):  # exp-affine sampling can overflow, mostly early in training
-            logger.log(run.step, {f"sample/nonfinite_{k}": v for k, v in result.nonfinite.items()})
-            print(f"note: samples with NaN/Inf values at step {run.step}: {result.nonfinite}")
-        return save_grids(result, run_dir / "samples", prefix, sample_labels)
+            self.logger.log(self.state.step, {f"sample/nonfinite_{k}": v for k, v in result.nonfinite.items()})
+            print(f"note: samples with NaN/Inf values at step {self.state.step}: {result.nonfinite}")
+        return save_grids(result, self.run_dir / "samples", prefix, self.sample_labels)
 
-    def save_checkpoint() -> Path:
-        run.loader = train_loader.state_dict()
-        run.rng = capture_rng(device)
-        run.metric_window = window.state_dict()
-        return checkpoints.save(run.step, {"strategy": strategy.state_dict(), "run": run.to_dict(),
-                                           "config_yaml": to_yaml(cfg), "config_hash": config_hash(cfg)})
-
-    logger.log(run.step, {"model/parameters": num_parameters(unwrapped), "model/train_flops_per_image": flops.train,
-                          "train/accumulation_steps": accumulation})
-    if run.step == 0 and cfg.eval.at_start:
-        run.initial_bits_per_dim = evaluate()
-
-    batches = iter(train_loader)
-    window = _Window(device)
-    window.load_state_dict(run.metric_window)
-    last_checkpoint = None
-    while run.step < t.steps:
-        lr = schedule.lr(run.step + 1)
-        for micro in range(accumulation):
-            x, y = next(batches)
-            x = corrupt(x.to(device, non_blocking=True), t.noise, t.noise_std)
-            y = drop_labels(y.to(device, non_blocking=True), t.label_drop) if conditional else None
-            # Gradients are reduced across ranks only on the last micro-batch of a step.
-            with strategy.accumulating() if micro < accumulation - 1 else contextlib.nullcontext():
-                with precision.autocast(device):
-                    z, logdets = strategy.model(x, y)
-                    loss = TarFlow.loss(z, logdets)
-                strategy.backward(loss / accumulation)
-            window.add_micro(loss.detach(), 0.5 * z.detach().float().pow(2).mean(), logdets.detach().mean(),
-                             1.0 / accumulation)
-        result = strategy.step(lr, cfg.optim.grad_clip, window.step_loss_finite())
-        run.step += 1
-        run.images_seen += t.global_batch
-        window.end_step(result.grad_norm, result.applied, t.global_batch)
-        if result.applied:
-            run.nonfinite_consecutive = 0
-        else:
-            run.nonfinite_total += 1
-            run.nonfinite_consecutive += 1
-            if run.nonfinite_consecutive >= t.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{run.nonfinite_consecutive} consecutive steps had a NaN/Inf loss or gradient (step {run.step}); "
-                    f"stopping without a checkpoint. Lower optim.lr, enable optim.grad_clip, or check the data. "
-                    f"The last good checkpoint is in {checkpoints.directory}.")
-
-        if run.step % cfg.logging.every == 0 or run.step == t.steps:
-            metrics = window.flush(lr)
-            metrics["train/tokens_per_second"] = metrics["train/images_per_second"] * cfg.model.num_patches
-            if peak:
-                metrics["train/mfu"] = mfu(metrics["train/images_per_second"] * flops.train, peak * world_size)
-            if run.nonfinite_total:
-                metrics["train/nonfinite_steps"] = run.nonfinite_total
-            logger.log(run.step, metrics)
-        if cfg.eval.every and run.step % cfg.eval.every == 0 and run.step < t.steps:
-            evaluate()
-        if cfg.sample.every and run.step % cfg.sample.every == 0 and run.step < t.steps:
-            sample(f"step{run.step:08d}_")
-        if cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0:
-            last_checkpoint = save_checkpoint()
-
-    final_bpd = evaluate()
-    grids = sample("final_")
-    if last_checkpoint is None or checkpoints.steps()[-1:] != [run.step]:
-        last_checkpoint = save_checkpoint()
-    else:
-        last_checkpoint = checkpoints.path_for(run.step)
-    logger.close()
-    result = TrainResult(run_dir=run_dir, step=run.step, initial_bits_per_dim=run.initial_bits_per_dim,
-                         final_bits_per_dim=final_bpd, checkpoint=last_checkpoint, sample_grids=grids,
-                         nonfinite_steps=run.nonfinite_total, seconds=time.perf_counter() - started)
-    atomic_write_text(run_dir / "summary.json", json.dumps(
-        {k: str(v) if isinstance(v, Path) else ([str(p) for p in v] if isinstance(v, list) else v)
-         for k, v in result.__dict__.items()}, indent=2) + "\n")
-    return result
+    def save_checkpoint(self) -> Path:
+        state = self.state
+        state.loader = self.train_loader.state_dict()
+        state.rng = capture_rng(self.device)
+        state.metric_window = self.window.state_dict()
+        return self.checkpoints.save(state.step, {"strategy": self.strategy.state_dict(), "run": state.to_dict(),
+                                                  "config_yaml": to_yaml(self.cfg),
+                                                  "config_hash": config_hash(self.cfg)})
 
 
-def _plain(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+def train(cfg: Config) -> TrainResult:
+    return Trainer(cfg).run()
 
 
 class _Window:
