@@ -10,7 +10,9 @@ class DataConfig:
     """Where images come from and how they are batched.
 
     ``format`` chooses the loader: ``embedded`` reads a data set that installs with the package (``source`` names
-    it: ``digits`` or ``photos``). Later loaders (webdataset, mds) read shards from ``uri``.
+    it: ``digits`` or ``photos``); ``webdataset`` and ``mds`` read the shards that ``tarflow data write`` put under
+    ``uri`` (a directory or ``s3://bucket/prefix``, holding ``train/`` and ``heldout/`` splits). S3 endpoint and
+    credentials come from the standard AWS environment and config chain, never from here.
     """
 
     format: str = "embedded"
@@ -19,4 +21,10 @@ class DataConfig:
     heldout_fraction: float = 0.1  # fixed held-out split of an embedded set, for bits/dim
     split_seed: int = 0            # the split never changes with the training seed
     random_flip: bool = False      # horizontal flip (digits are not flip-invariant)
-    num_workers: int = 0
+    resize: int = 0                # shorter side to this many pixels (0: as stored)
+    crop: int = 0                  # centre crop to this size (0: none)
+    num_workers: int = 0           # loader worker processes per rank
+    shuffle_buffer: int = 1000     # webdataset: samples in the shuffle buffer (after shard shuffling)
+    cache_dir: str = ""            # mds: local cache of downloaded shards ("" : a temporary directory)
+    num_canonical_nodes: int = 0   # mds: streaming's shuffle/partition unit (0: streaming's default)
+    skip_corrupt: bool = False     # skip (and count) undecodable samples instead of failing

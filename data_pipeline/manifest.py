@@ -1,0 +1,76 @@
+"""The manifest written beside every split of a sharded dataset: what a reader checks before it trusts the shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class ShardInfo:
+    name: str         # file name relative to the split's directory/prefix
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    format: str                      # "webdataset" | "mds"
+    split: str                       # "train" | "heldout"
+    num_samples: int
+    num_classes: int
+    image_shape: list[int]           # [C, H, W] of every stored image
+    encoding: str                    # "png" | "jpeg" | "raw"
+    source: str
+    shards: list[ShardInfo] = field(default_factory=list)
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        try:
+            data: dict[str, Any] = json.loads(text)
+            shards = [ShardInfo(**s) for s in data.pop("shards")]
+            manifest = cls(**data, shards=shards)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ManifestError(f"{where} is not a valid dataset manifest ({e})") from None
+        if manifest.version != MANIFEST_VERSION:
+            raise ManifestError(f"{where} has manifest version {manifest.version}; this reader knows "
+                                f"{MANIFEST_VERSION}")
+        if sum(s.num_samples for s in manifest.shards) != manifest.num_samples:
+            raise ManifestError(f"{where}: the shards' sample counts do not add up to num_samples="
+                                f"{manifest.num_samples}")
+        return manifest
+
+    @property
+    def shard_offsets(self) -> list[int]:
+        """Global index of each shard's first sample (shards in manifest order)."""
+        offsets, total = [], 0
+        for shard in self.shards:
+            offsets.append(total)
+            total += shard.num_samples
+        return offsets
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
