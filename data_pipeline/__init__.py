@@ -13,7 +13,10 @@ import torch
 
 from .config import DataConfig
 from .embedded import EmbeddedImages, load_embedded, split_heldout
+from .manifest import read_manifest
 from .memory_loader import InMemoryLoader
+from .transforms import ImageTransform
+from .webdataset_loader import WebDatasetLoader
 
 SPLITS = ("train", "heldout")
 
@@ -25,6 +28,8 @@ class Loader(Protocol):
     def batches_per_epoch(self) -> int: ...
     @property
     def epoch(self) -> int: ...
+    @property
+    def skipped_corrupt(self) -> int: ...  # samples skipped as undecodable (data.skip_corrupt)
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
     def state_dict(self) -> dict[str, int]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -59,8 +64,16 @@ def _embedded_info(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
     return (c, h, w), data.num_classes
 
 
+def _sharded_info(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """From the train split's manifest, without reading a shard."""
+    manifest = read_manifest(cfg.uri, "train", cfg.format)
+    transform = ImageTransform(resize=cfg.resize, crop=cfg.crop)
+    return transform.output_shape(tuple(manifest.image_shape)), manifest.num_classes
+
+
 FORMATS: dict[str, DataFormat] = {
     "embedded": DataFormat(build=_build_embedded, info=_embedded_info),
+    "webdataset": DataFormat(build=WebDatasetLoader, info=_sharded_info),
 }
 
 

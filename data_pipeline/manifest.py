@@ -64,6 +64,32 @@ class Manifest:
         return offsets
 
 
+def read_manifest(uri: str, split: str, fmt: str) -> Manifest:
+    """``uri/split/manifest.json``, checked to describe ``fmt`` shards of images a model can take."""
+    from .codecs import ENCODINGS
+    from .storage import DataSourceError, join, read_text
+
+    if not uri:
+        raise ValueError(f"data.uri is empty: point it at the directory or s3://bucket/prefix that "
+                         f"`tarflow data write --format {fmt}` wrote")
+    where = join(uri, split, MANIFEST_NAME)
+    try:
+        text = read_text(where)
+    except DataSourceError as e:
+        raise DataSourceError(f"cannot read the dataset manifest {where}: {e}") from None
+    manifest = Manifest.from_json(text, where)
+    if manifest.format != fmt:
+        raise ValueError(f"{where} describes a {manifest.format!r} dataset, not {fmt}; set "
+                         f"data.format={manifest.format}")
+    if manifest.encoding not in ENCODINGS:
+        raise ValueError(f"{where}: unknown encoding {manifest.encoding!r}")
+    if len(manifest.image_shape) != 3 or manifest.image_shape[0] not in (1, 3):
+        raise ValueError(f"{where}: image_shape must be [C, H, W] with C = 1 or 3, got {manifest.image_shape}")
+    if not manifest.shards:
+        raise ValueError(f"{where} lists no shards")
+    return manifest
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -19,22 +19,13 @@ Epoch ``e``, for ``world_size`` W and ``batch_size`` B over N samples:
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-
-def _derive_seed(stream: str, *parts: int) -> int:
-    """A 64-bit seed from a stream name and integers, free of collisions like (seed=1, epoch=0) vs (0, 1)."""
-    text = stream + ":" + ",".join(str(int(p)) for p in parts)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
-def to_float(u8: np.ndarray) -> torch.Tensor:
-    """uint8 -> float32 in [-1, 1] as k/255*2-1, op for op as the reference, so round((x+1)*127.5) == k."""
-    return torch.from_numpy(u8).float().div(255).mul(2).sub(1)
+from .seeding import derive_seed
+from .transforms import to_float
 
 
 class InMemoryLoader:
@@ -113,6 +104,10 @@ class InMemoryLoader:
         return self._epoch
 
     @property
+    def skipped_corrupt(self) -> int:
+        return 0  # arrays in memory are decoded already
+
+    @property
     def num_samples(self) -> int:
         """Size of the whole array (all ranks)."""
         return len(self._images)
@@ -128,13 +123,13 @@ class InMemoryLoader:
         if self._plan_epoch != epoch:
             n = len(self._images)
             if self.shuffle:
-                gen = torch.Generator().manual_seed(_derive_seed("order", self.seed, epoch))
+                gen = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
                 order = torch.randperm(n, generator=gen).numpy()
             else:
                 order = np.arange(n, dtype=np.int64)
             flips = None
             if self.random_flip:
-                gen = torch.Generator().manual_seed(_derive_seed("flip", self.seed, epoch))
+                gen = torch.Generator().manual_seed(derive_seed("flip", self.seed, epoch))
                 flips = (torch.rand(n, generator=gen) < 0.5).numpy()[self._positions]
             self._plan = (order[self._positions], flips)
             self._plan_epoch = epoch

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .seeding import derive_seed
 
 
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -39,8 +40,7 @@ def to_float(image: np.ndarray) -> torch.Tensor:
 def flip_decision(seed: int, epoch: int, key: str) -> bool:
     """Whether a sample is flipped in an epoch: a hash of (seed, epoch, key), so it does not depend on which rank
     or worker reads the sample, nor on whether the run was resumed."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=1).digest()
-    return bool(digest[0] & 1)
+    return bool(derive_seed("flip", seed, epoch, key) & 1)
 
 
 @dataclass(frozen=True)

@@ -221,9 +221,9 @@ def test_build_loader_photos_flip_and_ranks():
 def test_dataset_info_and_errors():
     assert dataset_info(DataConfig(source="digits")) == ((1, 8, 8), 10)
     assert dataset_info(DataConfig(source="photos")) == ((3, 32, 32), 7)
-    with pytest.raises(ValueError, match=r"data.format='webdataset' is not supported yet; choose one of \['embedded'\]"):
-        build_loader(DataConfig(format="webdataset"), "train", 8, seed=0)
-    with pytest.raises(ValueError, match="not supported"):
-        dataset_info(DataConfig(format="mds"))
+    with pytest.raises(ValueError, match=r"data.format='tfrecord' is not supported yet; choose one of \['embedded'"):
+        build_loader(DataConfig(format="tfrecord"), "train", 8, seed=0)
+    with pytest.raises(ValueError, match="data.uri is empty"):
+        dataset_info(DataConfig(format="webdataset"))
     with pytest.raises(ValueError, match="split"):
         build_loader(DataConfig(), "test", 8, seed=0)

@@ -203,6 +203,8 @@ class Trainer:
                                            self.peak_flops * self.world_size)
             if self.state.nonfinite_total:
                 metrics["train/nonfinite_steps"] = self.state.nonfinite_total
+            if self.train_loader.skipped_corrupt:
+                metrics["data/skipped_corrupt"] = self.train_loader.skipped_corrupt
             self.logger.log(step, metrics)
         if due(cfg.eval.every) and step < cfg.train.steps:
             self.evaluate()
