@@ -510,8 +510,11 @@ class WebDatasetLoader:
                               rank=self.rank, shuffle_buffer=self.cfg.shuffle_buffer,
                               skip_corrupt=self.cfg.skip_corrupt, consumed=self._batch,
                               corrupt=list(self._corrupt_epoch))
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which the
+        # trainer's noise comes from, and a resumed run starts its loaders at other points than the original.
         loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                            worker_init_fn=_worker_init if self.cfg.num_workers else None)
+                            worker_init_fn=_worker_init if self.cfg.num_workers else None,
+                            generator=torch.Generator().manual_seed(derive_seed("workers", self.seed, self._epoch)))
         for item in loader:
             if "error" in item:
                 raise _unpack_error(item["error"])

@@ -174,3 +174,28 @@ def test_wandb_offline_logging_does_not_need_a_network(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     train(tiny_config(tmp_path, "train.steps=6", "logging.wandb=true", "eval.at_start=false"))
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory):
+    from data_pipeline.sources import open_source
+    from data_pipeline.writer import write_dataset
+
+    root = tmp_path_factory.mktemp("shards")
+    write_dataset(open_source("digits"), str(root / "wds"), "webdataset", shard_size=30_000)
+    return root
+
+
+def test_training_on_webdataset_shards_resumes_bitwise_with_loader_workers(tmp_path, monkeypatch, digit_shards):
+    extra = ["data.format=webdataset", f"data.uri={digit_shards / 'wds'}", "data.num_workers=2",
+             "data.shuffle_buffer=64", "train.steps=16", "checkpoint.every=6", "eval.at_start=false"]
+    straight = train(tiny_config(tmp_path / "straight", *extra))
+    crash_after(monkeypatch, 9)
+    with pytest.raises(Crash):
+        train(tiny_config(tmp_path / "crashed", *extra))
+    monkeypatch.undo()
+    resumed = train(tiny_config(tmp_path / "crashed", *extra))
+    a, b = final_state(tmp_path / "straight", 16), final_state(tmp_path / "crashed", 16)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert resumed.final_bits_per_dim == straight.final_bits_per_dim

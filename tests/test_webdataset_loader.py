@@ -371,3 +371,16 @@ def test_too_few_shards_for_ranks_and_workers_is_refused_up_front(data_dir):
         _loader(data_dir, "heldout", world_size=2, num_workers=5)
     with pytest.raises(ValueError, match="no batch"):
         _loader(data_dir, batch_size=100, world_size=2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reading_leaves_the_global_rng_alone(data_dir, workers):
+    """The trainer's noise comes from the global RNG; a loader starting its epochs must not draw from it."""
+    loader = WebDatasetLoader(_cfg(data_dir, num_workers=workers), "train", 8, seed=0)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    batches = iter(loader)
+    for _ in range(loader.batches_per_epoch + 2):  # crosses into a new epoch (a new DataLoader)
+        next(batches)
+    assert torch.equal(torch.rand(3), expected)
