@@ -14,6 +14,7 @@ import torch
 from .config import DataConfig
 from .embedded import EmbeddedImages, load_embedded, split_heldout
 from .manifest import read_manifest
+from .mds_loader import MDSLoader
 from .memory_loader import InMemoryLoader
 from .transforms import ImageTransform
 from .webdataset_loader import WebDatasetLoader
@@ -74,6 +75,7 @@ def _sharded_info(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
 FORMATS: dict[str, DataFormat] = {
     "embedded": DataFormat(build=_build_embedded, info=_embedded_info),
     "webdataset": DataFormat(build=WebDatasetLoader, info=_sharded_info),
+    "mds": DataFormat(build=MDSLoader, info=_sharded_info),
 }
 
 
