@@ -33,8 +33,15 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def to_float(image: np.ndarray) -> torch.Tensor:
-    """k/255·2 − 1, as the reference's ToTensor + Normalize(0.5, 0.5); k is recovered by rounding (x+1)·127.5."""
-    return torch.from_numpy(np.ascontiguousarray(image)).float().div(255).mul(2).sub(1)
+    """k/255·2 − 1, as the reference's ToTensor + Normalize(0.5, 0.5); k is recovered by rounding (x+1)·127.5.
+
+    The same three float32 operations as ``torch``'s ``.float().div(255).mul(2).sub(1)`` (so bit-identical), done
+    in place in numpy: per-sample torch calls cost several times more in loader workers."""
+    x = image.astype(np.float32)
+    x /= np.float32(255)
+    x *= np.float32(2)
+    x -= np.float32(1)
+    return torch.from_numpy(x)
 
 
 def flip_decision(seed: int, epoch: int, key: str) -> bool:

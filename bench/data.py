@@ -1,0 +1,148 @@
+"""Data throughput: images/s delivered by each sharded reader (local and S3, 0/1/2 workers) beside a plain
+ImageFolder + PIL loader over the same images, and beside what one training step of the default configs consumes.
+
+    .venv/bin/python bench/data.py [--sizes 32,64] [--epochs 2] [--batch 64]
+
+S3 is a moto server on loopback started by this script. Ratios are measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_pipeline import DataConfig, build_loader  # noqa: E402
+from data_pipeline.sources import open_source  # noqa: E402
+from data_pipeline.writer import write_dataset  # noqa: E402
+
+
+def imagefolder_baseline(root: Path, batch: int, workers: int, epochs: int) -> float:
+    import torchvision
+    from torchvision import transforms
+
+    dataset = torchvision.datasets.ImageFolder(str(root), transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(0.5, 0.5)]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    return _images_per_second(lambda: iter(loader), len(loader), epochs)
+
+
+def sharded(cfg: DataConfig, batch: int, epochs: int) -> float:
+    loader = build_loader(cfg, "train", batch, seed=0)
+    batches = iter(loader)
+    return _images_per_second(lambda: batches, loader.batches_per_epoch, epochs, reuse=True)
+
+
+def _images_per_second(make_iter, batches_per_epoch: int, epochs: int, reuse: bool = False) -> float:
+    it = make_iter()
+    next(it)  # warm-up: workers started, first shard opened
+    images, start = 0, time.perf_counter()
+    for epoch in range(epochs):
+        if not reuse and epoch:
+            it = make_iter()
+        for _ in range(batches_per_epoch - (1 if epoch == 0 else 0)):
+            x, *_ = next(it)
+            images += x.shape[0]
+    return images / (time.perf_counter() - start)
+
+
+def training_consumption(config_path: str) -> tuple[str, float]:
+    """Images/s one training step of a shipped config consumes on this machine (forward, backward, AdamW)."""
+    from models import TarFlow
+    from trainer.config import load_config
+
+    cfg = load_config(config_path)
+    model = TarFlow(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b = cfg.train.micro_batch
+    x = torch.rand(b, cfg.model.in_channels, cfg.model.img_size, cfg.model.img_size) * 2 - 1
+    y = torch.randint(0, max(cfg.model.num_classes, 1), (b,)) if cfg.model.num_classes else None
+    for i in range(4):
+        if i == 1:
+            start = time.perf_counter()
+        opt.zero_grad()
+        TarFlow.loss(*model(x, y)).backward()
+        opt.step()
+    return Path(config_path).stem, 3 * b / (time.perf_counter() - start)
+
+
+def bench_source(size: int, copies: int):
+    """The photo crops at ``size``, repeated ``copies`` times (horizontally shifted so copies differ), so that an
+    epoch is long enough for worker start-up not to dominate."""
+    from data_pipeline.sources import Source
+
+    base = open_source("photos", image_size=size)
+    train = [(image, label) for _, image, label in base.splits["train"]()]
+
+    def samples():
+        for c in range(copies):
+            for i, (image, label) in enumerate(train):
+                yield f"train-{c * len(train) + i:08d}", np.ascontiguousarray(np.roll(image, c, axis=2)), label
+
+    return Source(f"photos{size}x{copies}", base.num_classes, base.image_shape,
+                  {"train": samples, "heldout": base.splits["heldout"]},
+                  {"train": copies * len(train), "heldout": base.counts["heldout"]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="32,64")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--copies", type=int, default=8, help="repeat the 518 photo crops this many times")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # loaders are what is measured; one thread per process as in training
+    from moto.server import ThreadedMotoServer
+    import boto3
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "S3_ENDPOINT_URL": f"http://{host}:{port}",
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    boto3.client("s3").create_bucket(Bucket="bench")
+
+    consumption = dict(training_consumption(p) for p in ("configs/digits.yaml", "configs/photos.yaml"))
+    need = consumption["photos"]  # the default config on 32×32 images (a 64×64 model consumes fewer images/s)
+    print("one training step consumes: " + ", ".join(f"{n} {v:.0f} img/s" for n, v in consumption.items())
+          + "; the ratio column is against 3 × photos")
+    print(f"{'size':<6}{'reader':<26}{'workers':>8}{'img/s':>10}{'vs ImageFolder':>16}{'vs 3×training':>15}")
+    print(f"(ImageFolder keeps its workers across epochs; the sharded readers start theirs each epoch)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            source = bench_source(size, args.copies)
+            folder = Path(tmp) / f"folder{size}"
+            from PIL import Image
+            for key, image, label in source.splits["train"]():
+                (folder / str(label)).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image.transpose(1, 2, 0)).save(folder / str(label) / f"{key}.png")
+            cases = []
+            for fmt in ("webdataset", "mds"):
+                local = str(Path(tmp) / f"{fmt}{size}")
+                write_dataset(source, local, fmt, shard_size=256 << 10)
+                write_dataset(source, f"s3://bench/{fmt}{size}", fmt, shard_size=256 << 10)
+                cases += [(f"{fmt} local", local), (f"{fmt} s3", f"s3://bench/{fmt}{size}")]
+            for workers in [int(w) for w in args.workers.split(",")]:
+                base = imagefolder_baseline(folder, args.batch, workers, args.epochs)
+                print(f"{size:<6}{'ImageFolder + PIL':<26}{workers:>8}{base:>10.0f}{1.0:>16.2f}{base / (3 * need):>15.2f}",
+                      flush=True)
+                for name, uri in cases:
+                    cfg = DataConfig(format=name.split()[0], uri=uri, num_workers=workers, shuffle_buffer=256,
+                                     cache_dir=str(Path(tmp) / f"cache-{name.replace(' ', '-')}-{size}-{workers}"))
+                    rate = sharded(cfg, args.batch, args.epochs)
+                    print(f"{size:<6}{name:<26}{workers:>8}{rate:>10.0f}{rate / base:>16.2f}{rate / (3 * need):>15.2f}",
+                          flush=True)
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
