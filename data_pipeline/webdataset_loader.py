@@ -431,8 +431,12 @@ class WebDatasetLoader:
         self._train = split == "train"
         self.manifest = read_manifest(cfg.uri, split, "webdataset")
         m = self.manifest
-        slots = max(1, cfg.num_workers)
-        if len(m.shards) < world_size * slots:
+        # Held-out splits are small (often one shard): evaluation uses at most one worker per shard of a rank's
+        # share, and ranks may share a shard (each reads its own sample range of it). Training keeps the rule that
+        # every reader gets whole shards to itself, and says so up front rather than hang.
+        self._workers = cfg.num_workers if self._train else min(cfg.num_workers, len(m.shards) // world_size)
+        slots = max(1, self._workers)
+        if self._train and len(m.shards) < world_size * slots:
             raise ValueError(
                 f"{join(cfg.uri, split)} has {len(m.shards)} shard(s), fewer than the {world_size} rank(s) × {slots} "
                 f"reader(s) per rank = {world_size * slots} readers that must each get a part; write more, smaller "
@@ -512,8 +516,8 @@ class WebDatasetLoader:
                               corrupt=list(self._corrupt_epoch))
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which the
         # trainer's noise comes from, and a resumed run starts its loaders at other points than the original.
-        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                            worker_init_fn=_worker_init if self.cfg.num_workers else None,
+        loader = DataLoader(stream, batch_size=None, num_workers=self._workers,
+                            worker_init_fn=_worker_init if self._workers else None,
                             generator=torch.Generator().manual_seed(derive_seed("workers", self.seed, self._epoch)))
         for item in loader:
             if "error" in item:
@@ -539,7 +543,7 @@ class WebDatasetLoader:
         for s in m.shards:
             digest.update(f"{s.name}:{s.num_samples}:{s.sha256}\n".encode())
         return {"format": "webdataset", "split": self.split, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_workers": self.cfg.num_workers,
+                "batch_size": self.batch_size, "num_workers": self._workers,
                 "shuffle_buffer": self.cfg.shuffle_buffer if self._train else 0,
                 "num_samples": m.num_samples, "dataset": digest.hexdigest()}
 

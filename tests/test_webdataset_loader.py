@@ -367,10 +367,20 @@ def test_manifest_shape_disagreeing_with_images(fresh_dir):
 
 
 def test_too_few_shards_for_ranks_and_workers_is_refused_up_front(data_dir):
-    with pytest.raises(ValueError, match=r"8 shard\(s\).*2 rank\(s\) × 5 .*--shard-size.*num_workers"):
-        _loader(data_dir, "heldout", world_size=2, num_workers=5)
+    with pytest.raises(ValueError, match=r"31 shard\(s\).*2 rank\(s\) × 16 .*--shard-size.*num_workers"):
+        _loader(data_dir, "train", world_size=2, num_workers=16)
     with pytest.raises(ValueError, match="no batch"):
         _loader(data_dir, batch_size=100, world_size=2)
+
+
+def test_heldout_with_fewer_shards_than_readers_still_reads_each_sample_once(tmp_path):
+    """Evaluation must not fail because its split fits in one shard: workers are capped, ranks share the shard."""
+    uri = str(tmp_path / "one")
+    write_dataset(_tiny_source(), uri, "webdataset", shard_size=1 << 20)  # one shard per split
+    keys = []
+    for rank in (0, 1):
+        keys += _keys(_take(_loader(uri, "heldout", batch_size=4, rank=rank, world_size=2, num_workers=2)))
+    assert sorted(keys) == sorted(_source_samples("heldout"))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
