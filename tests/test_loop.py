@@ -189,8 +189,8 @@ def digit_shards(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["webdataset", "mds"])
 def test_training_on_shards_resumes_bitwise_with_loader_workers(tmp_path, monkeypatch, digit_shards, fmt):
-    extra = [f"data.format={fmt}", f"data.uri={digit_shards / fmt}", "data.num_workers=2", "data.shuffle_buffer=64", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=16", "checkpoint.every=6",
-             "eval.at_start=false"]
+    extra = [f"data.format={fmt}", f"data.uri={digit_shards / fmt}", "data.num_workers=2", "data.shuffle_buffer=64",
+             f"data.cache_dir={tmp_path / 'cache'}", "train.steps=16", "checkpoint.every=6", "eval.at_start=false"]
     straight = train(tiny_config(tmp_path / "straight", *extra))
     crash_after(monkeypatch, 9)
     with pytest.raises(Crash):
