@@ -11,7 +11,7 @@ def test_auto_device_is_cpu_without_cuda():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda")
 
 

@@ -57,8 +57,9 @@ def check_model_matches_data(cfg: Config) -> None:
     shape, num_classes = dataset_info(cfg.data)
     m = cfg.model
     if shape != (m.in_channels, m.img_size, m.img_size):
+        where = f"data.source={cfg.data.source!r}" if cfg.data.format == "embedded" else f"data.uri={cfg.data.uri!r}"
         raise ValueError(f"model.in_channels/img_size = {m.in_channels}/{m.img_size} do not match the data's images "
-                         f"{shape} (data.source={cfg.data.source!r})")
+                         f"{shape} ({where})")
     if m.num_classes not in (0, num_classes):
         raise ValueError(f"model.num_classes={m.num_classes} but the data has {num_classes} classes; use "
                          f"{num_classes} (class-conditional) or 0 (unconditional)")

@@ -15,7 +15,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine; use auto or cpu")
+            raise ValueError(f"train.device={name!r} but CUDA is not available on this machine; use auto or cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
