@@ -60,3 +60,22 @@ def test_foreign_files_are_rejected(tmp_path):
     torch.save({"blocks.0.pos_embed": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not a tarflow checkpoint"):
         load_checkpoint_file(path)
+
+
+def test_retention_never_deletes_the_checkpoint_just_written(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    for step in (700, 800, 900):  # e.g. left by an earlier run in the same directory
+        manager.save(step, state(step))
+    manager.save(100, state(100))
+    assert manager.steps() == [100, 800, 900]
+    manager.save(200, state(200))
+    assert manager.steps() == [100, 200, 800, 900]  # only older ones than the new step are pruned
+
+
+def test_only_unreadable_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.save(5, state(5))
+    manager.path_for(5).write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=r"holds checkpoints \[5\] but none is readable"):
+        manager.load_latest()
+    assert manager.path_for(5).exists()

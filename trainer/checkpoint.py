@@ -86,17 +86,23 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path_for(step)
         atomic_torch_save({"format": FORMAT_VERSION, "step": step, **state}, path)
-        for old in self.steps()[: -self.keep]:  # the newest (just written) is never among them
+        # Retention looks only below the step just written: it is never deleted, nor anything newer than it.
+        older = [s for s in self.steps() if s < step]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
             self.path_for(old).unlink(missing_ok=True)
         return path
 
     def load_latest(self) -> dict | None:
         """The newest readable checkpoint; an unreadable newer one is reported and skipped, never deleted."""
-        for step in reversed(self.steps()):
+        steps = self.steps()
+        for step in reversed(steps):
             try:
                 return load_checkpoint_file(self.path_for(step))
             except CheckpointError as e:
                 warnings.warn(f"skipping {e}", stacklevel=2)
+        if steps:  # starting over would write new checkpoints among the broken ones
+            raise CheckpointError(f"{self.directory} holds checkpoints {steps} but none is readable; move them "
+                                  f"away to start over, or point train.resume at a good checkpoint")
         return None
 
     def resume(self, resume: str) -> dict | None:
