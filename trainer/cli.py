@@ -38,8 +38,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.rest)
     cfg = load_config(config_path, overrides)
     result = train(cfg)
-    print(f"done: step {result.step}, held-out bits/dim {result.initial_bits_per_dim if result.initial_bits_per_dim is not None else float('nan'):.4f}"
-          f" → {result.final_bits_per_dim:.4f}; checkpoint {result.checkpoint}; samples {result.sample_grids[0].parent}")
+    if result.sample_grids:  # the rank that wrote the outputs reports them
+        start = "n/a" if result.initial_bits_per_dim is None else f"{result.initial_bits_per_dim:.4f}"
+        print(f"done: step {result.step}, held-out bits/dim {start} → {result.final_bits_per_dim:.4f}; "
+              f"checkpoint {result.checkpoint}; samples {result.sample_grids[0].parent}")
     return 0
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from cluster.env import ProcessEnv, discover
 from data_pipeline import build_loader, dataset_info
 from models import TarFlow, num_parameters
 
 from .checkpoint import CheckpointManager, atomic_write_text
 from .config import Config, config_hash, to_yaml, validate
+from .distributed import all_reduce_sum, barrier, gather_objects, process_group
 from .evaluate import heldout_bits_per_dim
 from .flops import default_peak_flops, flops_per_image, mfu
 from .metric_sinks import ConsoleSink, JsonlSink, MetricLogger, WandbSink
@@ -26,7 +28,7 @@ from .optim import build_schedule
 from .run_state import RunState, capture_rng, restore_rng, seed_everything
 from .runtime import resolve_device, resolve_precision
 from .sampling import fixed_noise_and_labels, generate, sample_config_guidances, save_grids
-from .strategy import build_strategy
+from .strategy import DISTRIBUTED, build_strategy
 
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 LOG_BIN = math.log(128.0)
@@ -71,25 +73,26 @@ class Trainer:
     ``run()`` trains to ``train.steps``; evaluation, samples and checkpoints happen at their intervals and at the end.
     """
 
-    def __init__(self, cfg: Config):
-        self.world_size, self.rank = 1, 0
-        validate(cfg, self.world_size)
-        check_model_matches_data(cfg)
+    def __init__(self, cfg: Config, env: ProcessEnv, device: torch.device):
+        self.env, self.world_size, self.rank = env, env.world_size, env.rank
         self.cfg, t = cfg, cfg.train
-        self.device = resolve_device(t.device)
+        self.device = device
         self.precision = resolve_precision(t.precision, self.device, t.noise)
         self.run_dir = Path(t.run_dir)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
         if t.resume == "never" and self.checkpoints.steps():
             raise ValueError(f"train.resume=never but {self.checkpoints.directory} already holds checkpoints; choose "
                              f"a new train.run_dir or resume=auto (refusing to overwrite them)")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
 
-        seed_everything(t.seed)
+        seed_everything(t.seed)  # the same initial model on every rank
         self.strategy = build_strategy(t.strategy, self.device)
         self.strategy.setup(TarFlow(cfg.model), cfg.optim)
         self.model = self.strategy.unwrapped
+        if self.world_size > 1:
+            seed_everything(t.seed + self.rank)  # but each rank its own noise and label drops
         self.schedule = build_schedule(cfg)
         self.accumulation = t.global_batch // (t.micro_batch * self.world_size)
         self.train_loader = build_loader(cfg.data, "train", t.micro_batch, seed=t.seed, rank=self.rank,
@@ -98,6 +101,7 @@ class Trainer:
                                            world_size=self.world_size)
         self.window = _Window(self.device)
         self.state = RunState()
+        self._last_saved_step = -1
         self._resume()
         self.logger = self._build_logger()
         self.flops = flops_per_image(cfg.model)
@@ -116,11 +120,20 @@ class Trainer:
         self.state = RunState.from_dict(saved["run"])
         self.train_loader.load_state_dict(self.state.loader)
         self.window.load_state_dict(self.state.metric_window)
-        restore_rng(self.state.rng, self.device)
-        print(f"resumed from step {self.state.step} ({self.checkpoints.directory})")
+        self._last_saved_step = self.state.step
+        if len(self.state.rng) == self.world_size:
+            restore_rng(self.state.rng[self.rank], self.device)
+        else:  # a different number of ranks: the data position is kept, the noise streams start afresh
+            seed_everything(self.cfg.train.seed + self.rank + 7919 * self.state.step)
+            print(f"note: the checkpoint has RNG states of {len(self.state.rng)} ranks, this run has "
+                  f"{self.world_size}; noise is re-seeded")
+        if self.env.is_main:
+            print(f"resumed from step {self.state.step} ({self.checkpoints.directory})")
 
     def _build_logger(self) -> MetricLogger:
         cfg = self.cfg
+        if not self.env.is_main:
+            return MetricLogger([])
         sinks = [ConsoleSink(total_steps=cfg.train.steps, bar_width=20 if cfg.logging.progress else 0, extra=False),
                  # Records past the resumed step are dropped: this run logs those steps again.
                  JsonlSink(self.run_dir / "metrics.jsonl", truncate_after_step=self.state.step)]
@@ -146,7 +159,7 @@ class Trainer:
                 self._after_step(lr)
             final_bpd = self.evaluate()
             grids = self.sample("final_")
-            if self.checkpoints.steps()[-1:] != [state.step]:
+            if self._last_saved_step != state.step:
                 self.save_checkpoint()
         finally:
             self.logger.close()
@@ -154,9 +167,10 @@ class Trainer:
                              final_bits_per_dim=final_bpd, checkpoint=self.checkpoints.path_for(state.step),
                              sample_grids=grids, nonfinite_steps=state.nonfinite_total,
                              seconds=time.perf_counter() - started)
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(
-            {k: str(v) if isinstance(v, Path) else ([str(p) for p in v] if isinstance(v, list) else v)
-             for k, v in result.__dict__.items()}, indent=2) + "\n")
+        if self.env.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(
+                {k: str(v) if isinstance(v, Path) else ([str(p) for p in v] if isinstance(v, list) else v)
+                 for k, v in result.__dict__.items()}, indent=2) + "\n")
         return result
 
     def train_step(self, batches) -> float:
@@ -197,7 +211,8 @@ class Trainer:
         cfg, step = self.cfg, self.state.step
         due = lambda every: every and step % every == 0  # noqa: E731
         if due(cfg.logging.every) or step == cfg.train.steps:
-            metrics = self.window.flush(lr)
+            metrics = self.window.flush(lr, lambda sums: [v / self.world_size
+                                                          for v in all_reduce_sum(sums, self.device)])
             metrics["train/tokens_per_second"] = metrics["train/images_per_second"] * cfg.model.num_patches
             if self.peak_flops:
                 metrics["train/mfu"] = mfu(metrics["train/images_per_second"] * self.flops.train,
@@ -216,12 +231,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation, samples, checkpoints
     def evaluate(self) -> float:
-        bpd, n = heldout_bits_per_dim(self.model, self.heldout_loader, self.device,
-                                      max_images=self.cfg.eval.max_images)
-        self.logger.log(self.state.step, {"eval/bits_per_dim": bpd, "eval/images": n})
+        """Each rank evaluates its part of the held-out split; the mean is over all of it."""
+        max_images = -(-self.cfg.eval.max_images // self.world_size) if self.cfg.eval.max_images else 0
+        bpd, n = heldout_bits_per_dim(self.model, self.heldout_loader, self.device, max_images=max_images)
+        total, n = all_reduce_sum([bpd * n, float(n)], self.device)
+        bpd = total / n
+        self.logger.log(self.state.step, {"eval/bits_per_dim": bpd, "eval/images": int(n)})
         return bpd
 
     def sample(self, prefix: str) -> list[Path]:
+        if not self.env.is_main:  # a replicated model: one rank samples (sharded strategies will split the work)
+            return []
         cfg, t = self.cfg.sample, self.cfg.train
         result = generate(self.model, self.sample_noise, self.sample_labels, guidances=sample_config_guidances(cfg),
                           attn_temp=cfg.attn_temp, annealed=cfg.annealed,
@@ -232,18 +252,39 @@ class Trainer:
             print(f"note: samples with NaN/Inf values at step {self.state.step}: {result.nonfinite}")
         return save_grids(result, self.run_dir / "samples", prefix, self.sample_labels)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> None:
+        """Every rank contributes its RNG state; rank 0 writes (the loader position and the replicated model and
+        optimizer are the same everywhere); no rank goes on before the checkpoint is complete."""
         state = self.state
         state.loader = self.train_loader.state_dict()
-        state.rng = capture_rng(self.device)
+        state.rng = gather_objects(capture_rng(self.device))
         state.metric_window = self.window.state_dict()
-        return self.checkpoints.save(state.step, {"strategy": self.strategy.state_dict(), "run": state.to_dict(),
-                                                  "config_yaml": to_yaml(self.cfg),
-                                                  "config_hash": config_hash(self.cfg)})
+        if self.env.is_main:
+            self.checkpoints.save(state.step, {"strategy": self.strategy.state_dict(), "run": state.to_dict(),
+                                               "config_yaml": to_yaml(self.cfg), "config_hash": config_hash(self.cfg)})
+        self._last_saved_step = state.step
+        barrier()
 
 
-def train(cfg: Config) -> TrainResult:
-    return Trainer(cfg).run()
+def check_launch(cfg: Config, env: ProcessEnv) -> None:
+    """Everything that can be checked before a process group exists."""
+    validate(cfg, env.world_size)
+    strategy = cfg.train.strategy
+    if strategy in DISTRIBUTED and env.scheduler == "none":
+        raise ValueError(f"train.strategy={strategy} runs one process per device: launch with torchrun, e.g. "
+                         f"`torchrun --nproc_per_node=2 -m trainer.cli train ...`")
+    if strategy not in DISTRIBUTED and env.world_size > 1:
+        raise ValueError(f"train.strategy={strategy} but this is one of {env.world_size} processes; choose "
+                         f"train.strategy=ddp")
+    check_model_matches_data(cfg)
+
+
+def train(cfg: Config, env: ProcessEnv | None = None) -> TrainResult:
+    env = discover() if env is None else env
+    check_launch(cfg, env)
+    device = resolve_device(cfg.train.device, env.local_rank)
+    with process_group(env, device):
+        return Trainer(cfg, env, device).run()
 
 
 class _Window:
@@ -286,9 +327,9 @@ class _Window:
             self.grad_norm, self.steps = state["grad_norm"], state["steps"]
             self.applied, self.images = state["applied"], state["images"]
 
-    def flush(self, lr: float) -> dict[str, float]:
+    def flush(self, lr: float, mean_over_ranks) -> dict[str, float]:
         elapsed = time.perf_counter() - self.started
-        loss, prior, logdet = (self.sums / max(self.applied, 1)).tolist()
+        loss, prior, logdet = mean_over_ranks((self.sums / max(self.applied, 1)).tolist())
         metrics = {"train/loss": loss, "train/bits_per_dim": loss_to_bits_per_dim(loss), "train/prior": prior,
                    "train/logdet": logdet, "train/lr": lr, "train/grad_norm": self.grad_norm / max(self.applied, 1),
                    "train/images_per_second": self.images / elapsed}

@@ -41,7 +41,7 @@ class RunState:
     nonfinite_consecutive: int = 0
     initial_bits_per_dim: float | None = None
     loader: dict = field(default_factory=dict)
-    rng: dict = field(default_factory=dict)
+    rng: list = field(default_factory=list)  # every rank's RNG states, in rank order
     metric_window: dict = field(default_factory=dict)  # metric sums since the last log line
 
     def to_dict(self) -> dict:

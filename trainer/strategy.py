@@ -13,6 +13,7 @@ from torch import nn
 from models import TarFlow
 
 from .config import OptimConfig
+from .distributed import all_ranks_true
 from .optim import build_optimizer
 
 
@@ -62,28 +63,30 @@ class SingleDevice(Strategy):
         self.device = device
 
     def setup(self, model: TarFlow, optim: OptimConfig) -> None:
-        self._model = model.to(self.device)
-        self.optimizer = build_optimizer(self._model, optim)
+        self._module = model.to(self.device)
+        self._wrapped: nn.Module = self._module
+        self.optimizer = build_optimizer(self._module, optim)
 
     @property
     def model(self) -> nn.Module:
-        return self._model
+        return self._wrapped
 
     @property
     def unwrapped(self) -> TarFlow:
-        return self._model
+        return self._module
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def step(self, lr: float, max_grad_norm: float, loss_is_finite: torch.Tensor) -> StepResult:
-        params = [p for p in self._model.parameters() if p.grad is not None]
+        params = [p for p in self._module.parameters() if p.grad is not None]
         if max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # One host sync per step: the decision to skip must be taken before the optimizer touches its state.
-        finite = bool(torch.logical_and(loss_is_finite, torch.isfinite(norm)))
+        # One host sync per step: the decision to skip must be taken before the optimizer touches its state, and
+        # (data-parallel) by every rank alike: a NaN loss on one rank skips the step everywhere.
+        finite = bool(self._on_all_ranks(torch.logical_and(loss_is_finite, torch.isfinite(norm))))
         if finite:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -91,15 +94,39 @@ class SingleDevice(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(grad_norm=float(norm), applied=finite)
 
+    def _on_all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
+        return flag
+
     def state_dict(self) -> dict:
-        return {"model": self._model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._model.load_state_dict(state["model"])
+        self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-STRATEGIES = {"single": SingleDevice}
+class DistributedDataParallel(SingleDevice):
+    """A full replica per rank; gradients all-reduced in buckets during backward (DDP). Gradients of all but the
+    last micro-batch of a step stay local (``no_sync``). Checkpoints hold the plain module's state."""
+
+    # 25 MB buckets overlap communication with backward for models of this size; views avoid a gradient copy.
+    BUCKET_CAP_MB = 25
+
+    def setup(self, model: TarFlow, optim: OptimConfig) -> None:
+        super().setup(model, optim)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self._wrapped = torch.nn.parallel.DistributedDataParallel(
+            self._module, device_ids=device_ids, bucket_cap_mb=self.BUCKET_CAP_MB, gradient_as_bucket_view=True)
+
+    def accumulating(self) -> contextlib.AbstractContextManager:
+        return self._wrapped.no_sync()
+
+    def _on_all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
+        return all_ranks_true(flag)
+
+
+STRATEGIES = {"single": SingleDevice, "ddp": DistributedDataParallel}
+DISTRIBUTED = {"ddp"}  # strategies that need a process group (torchrun)
 
 
 def build_strategy(name: str, device: torch.device) -> Strategy:

@@ -1,0 +1,62 @@
+"""The process group and the few collectives the loop needs. With one process every function is a no-op."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from cluster.env import ProcessEnv
+
+
+@contextlib.contextmanager
+def process_group(env: ProcessEnv, device: torch.device):
+    """NCCL on CUDA, gloo on CPU; rendezvous from torchrun's variables (env://). Torn down on the way out."""
+    created = False
+    if env.scheduler != "none" and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=env.rank,
+                                world_size=env.world_size, timeout=timedelta(minutes=30))
+        created = True
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks, in float64."""
+    if not active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_ranks_true(flag: torch.Tensor) -> torch.Tensor:
+    """A bool tensor that is True only if it is True on every rank (so that all ranks skip a step together)."""
+    if not active():
+        return flag
+    t = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t[0].bool()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
