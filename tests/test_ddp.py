@@ -1,4 +1,4 @@
-"""DDP with real processes (torchrun, 2 ranks, gloo on CPU): the same mathematics as one process."""
+"""DDP and FSDP2 with real processes (torchrun, 2 ranks, gloo on CPU): the same mathematics as one process."""
 
 import json
 import os
@@ -30,23 +30,27 @@ def torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
     return result
 
 
-def test_ddp_steps_match_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy, port", [("ddp", 29611), ("fsdp", 29614)])
+def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy, port):
     out = tmp_path / "result.json"
-    torchrun([str(REPO / "tests" / "workers" / "ddp_equivalence.py"), str(out)], port=29611)
+    torchrun([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), strategy, str(out)], port=port)
     result = json.loads(out.read_text())
-    assert result["ddp"] == pytest.approx(result["single"], rel=1e-5)
+    assert result["strategy"] == pytest.approx(result["single"], rel=1e-5)
     assert result["max_rel_param"] < 1e-5
+    # Sampling and denoising through the (sharded) model equal the unsharded model's.
+    assert result["sample_diff"] < 1e-5 and result["denoise_diff"] < 1e-6
 
 
-def test_two_rank_training_resumes_bitwise_and_evaluates_the_whole_heldout_split(tmp_path):
-    overrides = [*TINY, "train.strategy=ddp", "train.steps=12", "checkpoint.every=4", "checkpoint.keep=5"]
+@pytest.mark.parametrize("strategy, port", [("ddp", 29612), ("fsdp", 29615)])
+def test_two_rank_training_resumes_bitwise_and_evaluates_the_whole_heldout_split(tmp_path, strategy, port):
+    overrides = [*TINY, f"train.strategy={strategy}", "train.steps=12", "checkpoint.every=4", "checkpoint.keep=5"]
     straight = tmp_path / "straight"
-    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={straight}", *overrides], port=29612)
+    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={straight}", *overrides], port=port)
     # A crash right after the step-8 checkpoint: a new run directory holding only that checkpoint.
     crashed = tmp_path / "crashed"
     (crashed / "checkpoints").mkdir(parents=True)
     shutil.copy(straight / "checkpoints" / "step-00000008.pt", crashed / "checkpoints")
-    result = torchrun(["-m", "trainer.cli", "train", f"train.run_dir={crashed}", *overrides], port=29613)
+    result = torchrun(["-m", "trainer.cli", "train", f"train.run_dir={crashed}", *overrides], port=port + 10)
     assert "resumed from step 8" in result.stdout
     a = load_checkpoint_file(straight / "checkpoints" / "step-00000012.pt")
     b = load_checkpoint_file(crashed / "checkpoints" / "step-00000012.pt")

@@ -54,5 +54,5 @@ def test_nonfinite_loss_or_gradient_skips_the_update():
 
 
 def test_unknown_strategy_names_the_choices():
-    with pytest.raises(ValueError, match=r"train.strategy='ddp2' is not one of \['ddp', 'single'\]"):
+    with pytest.raises(ValueError, match=r"train.strategy='ddp2' is not one of \['ddp', 'fsdp', 'single'\]"):
         build_strategy("ddp2", torch.device("cpu"))

@@ -115,7 +115,7 @@ class Config:
 
 NOISE_KINDS = ("uniform", "gaussian")
 PRECISIONS = ("auto", "fp32", "bf16")
-STRATEGIES = ("single", "ddp")  # trainer.strategy's registry (a test keeps them equal)
+STRATEGIES = ("single", "ddp", "fsdp")  # trainer.strategy's registry (a test keeps them equal)
 
 
 # ---------------------------------------------------------------- loading

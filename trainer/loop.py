@@ -27,7 +27,7 @@ from .noise import corrupt, denoise_std, drop_labels
 from .optim import build_schedule
 from .run_state import RunState, capture_rng, restore_rng, seed_everything
 from .runtime import resolve_device, resolve_precision
-from .sampling import fixed_noise_and_labels, generate, sample_config_guidances, save_grids
+from .sampling import SampleResult, fixed_noise_and_labels, generate, sample_config_guidances, save_grids
 from .strategy import DISTRIBUTED, build_strategy
 
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
@@ -88,7 +88,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
 
         seed_everything(t.seed)  # the same initial model on every rank
-        self.strategy = build_strategy(t.strategy, self.device)
+        self.strategy = build_strategy(t.strategy, self.device, self.precision.autocast_dtype)
         self.strategy.setup(TarFlow(cfg.model), cfg.optim)
         self.model = self.strategy.unwrapped
         if self.world_size > 1:
@@ -240,13 +240,22 @@ class Trainer:
         return bpd
 
     def sample(self, prefix: str) -> list[Path]:
-        if not self.env.is_main:  # a replicated model: one rank samples (sharded strategies will split the work)
-            return []
+        """Each rank samples an equal slice of the fixed noise (the last padded by wrapping around, so that sharded
+        models see the same collectives everywhere); rank 0 gathers the slices and writes the grids."""
         cfg, t = self.cfg.sample, self.cfg.train
-        result = generate(self.model, self.sample_noise, self.sample_labels, guidances=sample_config_guidances(cfg),
-                          attn_temp=cfg.attn_temp, annealed=cfg.annealed,
-                          denoise_std=denoise_std(t.noise, t.noise_std) if cfg.denoise else None,
-                          device=self.device, precision=self.precision)
+        n = len(self.sample_noise)
+        per_rank = -(-n // self.world_size)
+        mine = torch.arange(self.rank * per_rank, (self.rank + 1) * per_rank) % n
+        labels = self.sample_labels[mine] if self.sample_labels is not None else None
+        with self.strategy.inference():
+            part = generate(self.model, self.sample_noise[mine], labels, guidances=sample_config_guidances(cfg),
+                            attn_temp=cfg.attn_temp, annealed=cfg.annealed,
+                            denoise_std=denoise_std(t.noise, t.noise_std) if cfg.denoise else None,
+                            device=self.device, precision=self.precision)
+        parts = gather_objects(part.images)
+        if not self.env.is_main:
+            return []
+        result = SampleResult({k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]})
         if any(result.nonfinite.values()):  # exp-affine sampling can overflow, mostly early in training
             self.logger.log(self.state.step, {f"sample/nonfinite_{k}": v for k, v in result.nonfinite.items()})
             print(f"note: samples with NaN/Inf values at step {self.state.step}: {result.nonfinite}")
@@ -259,8 +268,9 @@ class Trainer:
         state.loader = self.train_loader.state_dict()
         state.rng = gather_objects(capture_rng(self.device))
         state.metric_window = self.window.state_dict()
+        strategy_state = self.strategy.state_dict()  # collective for sharded strategies
         if self.env.is_main:
-            self.checkpoints.save(state.step, {"strategy": self.strategy.state_dict(), "run": state.to_dict(),
+            self.checkpoints.save(state.step, {"strategy": strategy_state, "run": state.to_dict(),
                                                "config_yaml": to_yaml(self.cfg), "config_hash": config_hash(self.cfg)})
         self._last_saved_step = state.step
         barrier()

@@ -17,7 +17,11 @@ from .runtime import Precision
 @dataclass
 class SampleResult:
     images: dict[str, torch.Tensor]  # name → (N, C, H, W) in [-1, 1]
-    nonfinite: dict[str, int]        # name → samples with a NaN/Inf value
+
+    @property
+    def nonfinite(self) -> dict[str, int]:
+        """name → samples with a NaN/Inf value."""
+        return {k: int((~torch.isfinite(v).flatten(1).all(1)).sum()) for k, v in self.images.items()}
 
 
 def fixed_noise_and_labels(model: TarFlow, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -50,8 +54,7 @@ def generate(model: TarFlow, noise: torch.Tensor, labels: torch.Tensor | None, *
                                               noise_std=denoise_std)
             images[f"g{g:g}_denoised"] = clean.cpu()
     model.train(was_training)
-    nonfinite = {k: int((~torch.isfinite(v).flatten(1).all(1)).sum()) for k, v in images.items()}
-    return SampleResult(images, nonfinite)
+    return SampleResult(images)
 
 
 def save_grids(result: SampleResult, out_dir: Path, prefix: str, labels: torch.Tensor | None) -> list[Path]:

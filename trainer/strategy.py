@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from models import TarFlow
 
@@ -41,6 +42,16 @@ class Strategy(ABC):
     def accumulating(self) -> contextlib.AbstractContextManager:
         """Context for micro-batches whose gradients are not yet reduced (all but the last of a step)."""
         return contextlib.nullcontext()
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        """Context in which ``unwrapped`` can run every entry point (``reverse``, ``denoise``), not only forward.
+        All ranks enter it together."""
+        return contextlib.nullcontext()
+
+    @property
+    def replicated(self) -> bool:
+        """Every rank holds the whole model (one rank can sample alone)."""
+        return True
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -84,6 +95,8 @@ class SingleDevice(Strategy):
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):  # sharded gradients: the norm is already over all shards
+            norm = norm.full_tensor()
         # One host sync per step: the decision to skip must be taken before the optimizer touches its state, and
         # (data-parallel) by every rank alike: a NaN loss on one rank skips the step everywhere.
         finite = bool(self._on_all_ranks(torch.logical_and(loss_is_finite, torch.isfinite(norm))))
@@ -125,11 +138,92 @@ class DistributedDataParallel(SingleDevice):
         return all_ranks_true(flag)
 
 
-STRATEGIES = {"single": SingleDevice, "ddp": DistributedDataParallel}
-DISTRIBUTED = {"ddp"}  # strategies that need a process group (torchrun)
+class FullyShardedDataParallel(SingleDevice):
+    """FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the ranks, each transformer
+    layer one unit (gathered for its forward and backward), the flow blocks' own parameters in the root unit.
+
+    Mixed precision: with bf16 autocast the units compute in bf16 and reduce gradients in fp32 (log-likelihood
+    training is sensitive to low-precision reductions). Checkpoints hold full (unsharded) state dicts, gathered to
+    rank 0, so they load into any strategy and world size; sharded ``torch.distributed.checkpoint`` comes with the
+    checkpoint store. ``reverse`` and ``denoise`` run inside ``inference()``: every unit is gathered once for the
+    duration instead of once per decoded token.
+    """
+
+    def __init__(self, device: torch.device, compute_dtype: torch.dtype | None = None):
+        super().__init__(device)
+        self.compute_dtype = compute_dtype
+
+    def setup(self, model: TarFlow, optim: OptimConfig) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model = model.to(self.device)
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32) \
+            if self.compute_dtype is not None else MixedPrecisionPolicy()
+        for block in model.blocks:
+            for layer in block.attn_blocks:
+                fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        self._module = self._wrapped = model
+        self.optimizer = build_optimizer(model, optim)
+
+    @property
+    def replicated(self) -> bool:
+        return False
+
+    def _units(self) -> list[nn.Module]:
+        return [m for m in self._module.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        self._module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self._module.set_requires_gradient_sync(True)
+
+    @contextlib.contextmanager
+    def inference(self):
+        units = self._units()
+        for unit in units:  # denoise runs a backward: keep the units gathered through it as well
+            unit.set_reshard_after_forward(False)
+            unit.set_reshard_after_backward(False)
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(True)
+                unit.set_reshard_after_backward(True)
+
+    def _on_all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
+        return all_ranks_true(flag)
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def state_dict(self) -> dict:
+        """Collective: every rank calls it; rank 0 receives the full state (the others an empty one)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        return {"model": get_model_state_dict(self._module, options=self._options()),
+                "optimizer": get_optimizer_state_dict(self._module, self.optimizer, options=self._options())}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self._module, state["model"], options=options)
+        set_optimizer_state_dict(self._module, self.optimizer, state["optimizer"], options=options)
 
 
-def build_strategy(name: str, device: torch.device) -> Strategy:
+STRATEGIES = {"single": SingleDevice, "ddp": DistributedDataParallel, "fsdp": FullyShardedDataParallel}
+DISTRIBUTED = {"ddp", "fsdp"}  # strategies that need a process group (torchrun)
+
+
+def build_strategy(name: str, device: torch.device, compute_dtype: torch.dtype | None = None) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"train.strategy={name!r} is not one of {sorted(STRATEGIES)}")
+    if name == "fsdp":
+        return FullyShardedDataParallel(device, compute_dtype)
     return STRATEGIES[name](device)

@@ -1,5 +1,7 @@
-"""Run under torchrun: k optimizer steps with DDP on every rank, then (rank 0) the same steps in one process on the
-whole global batch; writes both loss sequences and the largest parameter difference to the JSON path argv[1]."""
+"""Run under torchrun as ``strategy_equivalence.py STRATEGY OUT.json``: (rank 0) k optimizer steps in one process
+on the whole global batch, then the same steps with STRATEGY over all ranks, each on its part of every global batch.
+Writes both loss sequences, the largest parameter difference and, after training, the largest difference between
+sampling (and denoising) through the strategy's model and through an unsharded copy."""
 
 import contextlib
 import json
@@ -14,7 +16,7 @@ from cluster.env import discover  # noqa: E402
 from models import TarFlow, TarFlowConfig  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.distributed import process_group  # noqa: E402
-from trainer.strategy import DistributedDataParallel, SingleDevice  # noqa: E402
+from trainer.strategy import SingleDevice, build_strategy  # noqa: E402
 
 CONFIG = TarFlowConfig(in_channels=1, img_size=8, patch_size=2, channels=32, head_dim=16, num_blocks=2,
                        layers_per_block=1, num_classes=10)
@@ -45,18 +47,33 @@ def run(strategy, parts: int, part: int):
 
 
 def main() -> None:
+    name, out = sys.argv[1], Path(sys.argv[2])
     env, device = discover(), torch.device("cpu")
     with process_group(env, device):
         if env.rank == 0:  # the one-process reference first: no rank may leave while another still computes
             ref_losses, ref_params = run(SingleDevice(device), 1, 0)
-        losses, params = run(DistributedDataParallel(device), env.world_size, env.rank)
+        strategy = build_strategy(name, device)
+        losses, _ = run(strategy, env.world_size, env.rank)
         mean = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(mean)
         losses = (mean / env.world_size).tolist()
+        full = strategy.state_dict()["model"]  # collective for sharded strategies; full on rank 0
+
+        # Sampling and denoising through the strategy's model (every rank, same noise) vs an unsharded copy.
+        noise = torch.randn(3, CONFIG.num_patches, CONFIG.patch_dim, generator=torch.Generator().manual_seed(5))
+        labels = torch.tensor([1, -1, 7])
+        with strategy.inference():
+            sampled = strategy.unwrapped.reverse(noise, labels, guidance=1.0)
+            denoised = strategy.unwrapped.denoise(sampled, labels, noise_std=0.05)
         if env.rank == 0:
-            rel = max(((params[k] - ref_params[k]).abs().max() / ref_params[k].abs().max().clamp_min(1e-12)).item()
-                      for k in params)
-            Path(sys.argv[1]).write_text(json.dumps({"ddp": losses, "single": ref_losses, "max_rel_param": rel}))
+            plain = TarFlow(CONFIG)
+            plain.load_state_dict(full)
+            rel = max(((full[k] - ref_params[k]).abs().max() / ref_params[k].abs().max().clamp_min(1e-12)).item()
+                      for k in full)
+            out.write_text(json.dumps({
+                "strategy": losses, "single": ref_losses, "max_rel_param": rel,
+                "sample_diff": (sampled - plain.reverse(noise, labels, guidance=1.0)).abs().max().item(),
+                "denoise_diff": (denoised - plain.denoise(sampled, labels, noise_std=0.05)).abs().max().item()}))
         dist.barrier()
 
 
