@@ -30,7 +30,7 @@ def torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("strategy, port", [("ddp", 29611), ("fsdp", 29614)])
+@pytest.mark.parametrize("strategy, port", [("ddp", 29611), ("fsdp", 29614), ("fsdp+ac1", 29616)])
 def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy, port):
     out = tmp_path / "result.json"
     torchrun([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), strategy, str(out)], port=port)
@@ -39,6 +39,10 @@ def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy, po
     assert result["max_rel_param"] < 1e-5
     # Sampling and denoising through the (sharded) model equal the unsharded model's.
     assert result["sample_diff"] < 1e-5 and result["denoise_diff"] < 1e-6
+    # Parameters + gradients + AdamW state per rank: a full replica for DDP, about half for FSDP on 2 ranks.
+    ratio = result["state_bytes"] / result["replica_bytes"]
+    print(f"{strategy}: {result['state_bytes']:.0f} of {result['replica_bytes']} bytes per rank ({ratio:.3f})")
+    assert ratio == 1.0 if strategy == "ddp" else ratio <= 0.6
 
 
 @pytest.mark.parametrize("strategy, port", [("ddp", 29612), ("fsdp", 29615)])

@@ -60,7 +60,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"     # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on bf16-capable CUDA, fp32 otherwise and for uniform noise) | fp32 | bf16
-    strategy: str = "single"
+    strategy: str = "single"  # single | ddp | fsdp (ddp and fsdp under torchrun)
+    activation_checkpointing: int = 0  # recompute every k-th transformer layer in backward (1: all; 0: off)
     max_nonfinite_steps: int = 10  # consecutive skipped (NaN/Inf) steps before the run stops
     resume: str = "auto"     # auto (newest checkpoint in run_dir, if any) | never | path to a checkpoint
 
@@ -196,6 +197,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.strategy in STRATEGIES, "train.strategy", f"must be one of {STRATEGIES}, got {t.strategy!r}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
              f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _require(t.activation_checkpointing >= 0, "train.activation_checkpointing",
+             f"must be >= 0 (0: off, k: every k-th layer), got {t.activation_checkpointing}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",

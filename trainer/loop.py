@@ -17,6 +17,7 @@ from cluster.env import ProcessEnv, discover
 from data_pipeline import build_loader, dataset_info
 from models import TarFlow, num_parameters
 
+from .activation_checkpointing import apply_activation_checkpointing
 from .checkpoint import CheckpointManager, atomic_write_text
 from .config import Config, config_hash, to_yaml, validate
 from .distributed import all_reduce_sum, barrier, gather_objects, process_group
@@ -89,7 +90,9 @@ class Trainer:
 
         seed_everything(t.seed)  # the same initial model on every rank
         self.strategy = build_strategy(t.strategy, self.device, self.precision.autocast_dtype)
-        self.strategy.setup(TarFlow(cfg.model), cfg.optim)
+        model = TarFlow(cfg.model)
+        apply_activation_checkpointing(model, t.activation_checkpointing)  # before sharding
+        self.strategy.setup(model, cfg.optim)
         self.model = self.strategy.unwrapped
         if self.world_size > 1:
             seed_everything(t.seed + self.rank)  # but each rank its own noise and label drops

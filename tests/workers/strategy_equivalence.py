@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cluster.env import discover  # noqa: E402
 from models import TarFlow, TarFlowConfig  # noqa: E402
+from trainer.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from trainer.config import OptimConfig  # noqa: E402
 from trainer.distributed import process_group  # noqa: E402
 from trainer.strategy import SingleDevice, build_strategy  # noqa: E402
@@ -29,9 +31,11 @@ def global_batches():
             for _ in range(STEPS)]
 
 
-def run(strategy, parts: int, part: int):
+def run(strategy, parts: int, part: int, checkpoint_every: int = 0):
     torch.manual_seed(0)
-    strategy.setup(TarFlow(CONFIG), OptimConfig(lr=1e-3))
+    model = TarFlow(CONFIG)
+    apply_activation_checkpointing(model, checkpoint_every)
+    strategy.setup(model, OptimConfig(lr=1e-3))
     losses = []
     for x, y in global_batches():
         x, y = x.chunk(parts)[part], y.chunk(parts)[part]
@@ -46,14 +50,30 @@ def run(strategy, parts: int, part: int):
     return losses, {k: v.detach().clone() for k, v in strategy.unwrapped.state_dict().items()}
 
 
+def training_state_bytes(strategy) -> int:
+    """This rank's bytes of parameters + gradients (as large as the parameters) + optimizer state."""
+    def local(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+    params = sum(local(p) for p in strategy.unwrapped.parameters())
+    optimizer = sum(local(v) for state in strategy.optimizer.state.values() for v in state.values()
+                    if torch.is_tensor(v) and v.dim() > 0)
+    return 2 * params + optimizer
+
+
 def main() -> None:
     name, out = sys.argv[1], Path(sys.argv[2])
+    name, _, every = name.partition("+ac")  # e.g. "fsdp+ac1": activation checkpointing of every layer
     env, device = discover(), torch.device("cpu")
     with process_group(env, device):
         if env.rank == 0:  # the one-process reference first: no rank may leave while another still computes
-            ref_losses, ref_params = run(SingleDevice(device), 1, 0)
+            single = SingleDevice(device)
+            ref_losses, ref_params = run(single, 1, 0)
+            replica_bytes = training_state_bytes(single)
         strategy = build_strategy(name, device)
-        losses, _ = run(strategy, env.world_size, env.rank)
+        losses, _ = run(strategy, env.world_size, env.rank, int(every or 0))
+        held = torch.tensor([training_state_bytes(strategy)], dtype=torch.float64)
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the fullest rank
         mean = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(mean)
         losses = (mean / env.world_size).tolist()
@@ -72,6 +92,7 @@ def main() -> None:
                       for k in full)
             out.write_text(json.dumps({
                 "strategy": losses, "single": ref_losses, "max_rel_param": rel,
+                "state_bytes": held.item(), "replica_bytes": replica_bytes,
                 "sample_diff": (sampled - plain.reverse(noise, labels, guidance=1.0)).abs().max().item(),
                 "denoise_diff": (denoised - plain.denoise(sampled, labels, noise_std=0.05)).abs().max().item()}))
         dist.barrier()
