@@ -83,3 +83,21 @@ def test_strategy_and_launch_must_agree_before_any_process_group(tmp_path):
         train(load_config(None, [*TINY, "train.strategy=ddp", f"train.run_dir={tmp_path}"]),
               env=ProcessEnv(rank=0, world_size=3, local_world_size=3, scheduler="torchrun"))
     assert not torch.distributed.is_initialized()
+
+
+def test_two_nodes_of_one_process_train_exactly_like_one_node_of_two(tmp_path):
+    """Multi-node rendezvous through torchrun's c10d backend: two agents (--nnodes=2) on loopback."""
+    overrides = [*TINY, "train.strategy=ddp", "train.steps=6", "eval.at_start=false"]
+    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'one_node'}", *overrides], port=29631)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+         "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29632", "--rdzv-id=two-nodes", "-m", "trainer.cli",
+         "train", f"train.run_dir={tmp_path / 'two_nodes'}", *overrides],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    a = load_checkpoint_file(tmp_path / "one_node" / "checkpoints" / "step-00000006.pt")["strategy"]["model"]
+    b = load_checkpoint_file(tmp_path / "two_nodes" / "checkpoints" / "step-00000006.pt")["strategy"]["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
