@@ -67,10 +67,13 @@ class FlowBlock(nn.Module):
         o = F.pad(self.proj_out(h), (0, 0, 1, 0))  # shift by one token: token t is predicted from tokens < t
         return self._split(o)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) in original order → (z in original order, per-dimension log|det| (B,) in float32)."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) in original order, labels y → (z in original order, per-dimension log|det| (B,), float32).
+
+        The class term is computed here, inside the block's own forward, so that a wrapper which gathers the
+        block's parameters for its forward (FSDP) has them in place."""
         x = self.permute(x)
-        a, b = self.affine_params(x, cond)
+        a, b = self.affine_params(x, self.class_condition(y))
         if a is None:
             return self.permute(x - b), x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
         z = (x - b) * torch.exp(-at_least_fp32(a)).to(a.dtype)

@@ -88,7 +88,7 @@ class TarFlow(nn.Module):
         logdets = torch.zeros((), dtype=torch.float32, device=x.device)
         outputs = []
         for block in self.blocks:
-            z, logdet = block(z, block.class_condition(y))
+            z, logdet = block(z, y)
             logdets = logdets + logdet
             outputs.append(z)
         return (z, logdets, outputs) if return_outputs else (z, logdets)

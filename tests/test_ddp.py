@@ -21,6 +21,18 @@ TINY = ["model.channels=32", "model.head_dim=16", "model.num_blocks=2", "model.l
         "eval.every=0", "sample.every=0", "sample.num=4", "logging.every=2", "logging.progress=false"]
 
 
+def two_agents(args: list[str], port: int) -> list[str]:
+    """Two torchrun agents of one process each (--nnodes=2) meeting through c10d on loopback: two "nodes"."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}", *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    return outputs
+
+
 def torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
@@ -30,7 +42,8 @@ def torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("strategy, port", [("ddp", 29611), ("fsdp", 29614), ("fsdp+ac1", 29616)])
+@pytest.mark.parametrize("strategy, port", [("ddp", 29611), ("fsdp", 29614), ("fsdp+ac1", 29616),
+                                            ("fsdp:block", 29617), ("fsdp:keep", 29618)])
 def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy, port):
     out = tmp_path / "result.json"
     torchrun([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), strategy, str(out)], port=port)
@@ -89,15 +102,18 @@ def test_two_nodes_of_one_process_train_exactly_like_one_node_of_two(tmp_path):
     """Multi-node rendezvous through torchrun's c10d backend: two agents (--nnodes=2) on loopback."""
     overrides = [*TINY, "train.strategy=ddp", "train.steps=6", "eval.at_start=false"]
     torchrun(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'one_node'}", *overrides], port=29631)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-         "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29632", "--rdzv-id=two-nodes", "-m", "trainer.cli",
-         "train", f"train.run_dir={tmp_path / 'two_nodes'}", *overrides],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    two_agents(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'two_nodes'}", *overrides], port=29632)
     a = load_checkpoint_file(tmp_path / "one_node" / "checkpoints" / "step-00000006.pt")["strategy"]["model"]
     b = load_checkpoint_file(tmp_path / "two_nodes" / "checkpoints" / "step-00000006.pt")["strategy"]["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_hybrid_sharding_replicates_across_nodes_and_matches_one_process(tmp_path):
+    """fsdp.hybrid on 2 nodes × 1 rank: a (replicate=2, shard=1) mesh, i.e. a full replica per node."""
+    out = tmp_path / "result.json"
+    two_agents([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), "fsdp:hybrid", str(out)], port=29633)
+    result = json.loads(out.read_text())
+    assert result["strategy"] == pytest.approx(result["single"], rel=1e-5)
+    assert result["max_rel_param"] < 1e-5 and result["sample_diff"] < 1e-5
+    assert result["state_bytes"] == result["replica_bytes"]

@@ -67,6 +67,17 @@ class TrainConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Options of ``train.strategy=fsdp``."""
+
+    unit: str = "layer"                 # what one all-gather covers: "layer" (each transformer layer) | "block"
+    reshard_after_forward: bool = True  # False keeps gathered parameters until backward: faster, more memory
+    cpu_offload: bool = False           # sharded parameters, gradients and optimizer state live in host memory
+    reduce_dtype: str = "fp32"          # gradient reduction; "bf16" only on request (likelihoods are sensitive)
+    hybrid: bool = False                # shard within a node, replicate across nodes (a 2-D device mesh)
+
+
+@dataclass
 class EvalConfig:
     every: int = 250      # steps between held-out bits/dim; 0: only at the start and the end
     at_start: bool = True
@@ -108,6 +119,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -197,6 +209,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.strategy in STRATEGIES, "train.strategy", f"must be one of {STRATEGIES}, got {t.strategy!r}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
              f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _require(cfg.fsdp.unit in ("layer", "block"), "fsdp.unit", f"must be layer or block, got {cfg.fsdp.unit!r}")
+    _require(cfg.fsdp.reduce_dtype in ("fp32", "bf16"), "fsdp.reduce_dtype",
+             f"must be fp32 or bf16, got {cfg.fsdp.reduce_dtype!r}")
     _require(t.activation_checkpointing >= 0, "train.activation_checkpointing",
              f"must be >= 0 (0: off, k: every k-th layer), got {t.activation_checkpointing}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")

@@ -89,7 +89,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
 
         seed_everything(t.seed)  # the same initial model on every rank
-        self.strategy = build_strategy(t.strategy, self.device, self.precision.autocast_dtype)
+        nodes = self.world_size // env.local_world_size
+        self.strategy = build_strategy(t.strategy, self.device, self.precision.autocast_dtype, cfg.fsdp, nodes)
         model = TarFlow(cfg.model)
         apply_activation_checkpointing(model, t.activation_checkpointing)  # before sharding
         self.strategy.setup(model, cfg.optim)

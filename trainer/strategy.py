@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from models import TarFlow
 
-from .config import OptimConfig
+from .config import FSDPConfig, OptimConfig
 from .distributed import all_ranks_true
 from .optim import build_optimizer
 
@@ -140,7 +140,8 @@ class DistributedDataParallel(SingleDevice):
 
 class FullyShardedDataParallel(SingleDevice):
     """FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the ranks, each transformer
-    layer one unit (gathered for its forward and backward), the flow blocks' own parameters in the root unit.
+    layer (``fsdp.unit=layer``) or flow block (``block``) one unit gathered for its forward and backward, the rest
+    in the root unit; ``fsdp.hybrid`` shards within a node and replicates across nodes.
 
     Mixed precision: with bf16 autocast the units compute in bf16 and reduce gradients in fp32 (log-likelihood
     training is sensitive to low-precision reductions). Checkpoints hold full (unsharded) state dicts, gathered to
@@ -149,20 +150,37 @@ class FullyShardedDataParallel(SingleDevice):
     duration instead of once per decoded token.
     """
 
-    def __init__(self, device: torch.device, compute_dtype: torch.dtype | None = None):
+    def __init__(self, device: torch.device, compute_dtype: torch.dtype | None = None,
+                 options: FSDPConfig | None = None, nodes: int = 1):
         super().__init__(device)
         self.compute_dtype = compute_dtype
+        self.options = options or FSDPConfig()
+        self.nodes = nodes
 
     def setup(self, model: TarFlow, optim: OptimConfig) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+        o = self.options
         model = model.to(self.device)
-        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32) \
-            if self.compute_dtype is not None else MixedPrecisionPolicy()
-        for block in model.blocks:
-            for layer in block.attn_blocks:
-                fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        reduce_dtype = torch.bfloat16 if o.reduce_dtype == "bf16" else torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=reduce_dtype) \
+            if self.compute_dtype is not None else MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+        mesh = None
+        if o.hybrid:  # (replicate over nodes, shard within a node): HSDP
+            world = torch.distributed.get_world_size()
+            if world % self.nodes:
+                raise ValueError(f"fsdp.hybrid needs the same number of ranks on every node: {world} ranks, "
+                                 f"{self.nodes} nodes")
+            mesh = init_device_mesh(self.device.type, (self.nodes, world // self.nodes),
+                                    mesh_dim_names=("replicate", "shard"))
+        kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=o.reshard_after_forward,
+                      offload_policy=CPUOffloadPolicy() if o.cpu_offload else OffloadPolicy())
+        units = [layer for block in model.blocks for layer in block.attn_blocks] if o.unit == "layer" \
+            else list(model.blocks)
+        for unit in units:
+            fully_shard(unit, **kwargs)
+        fully_shard(model, **kwargs)
         self._module = self._wrapped = model
         self.optimizer = build_optimizer(model, optim)
 
@@ -221,9 +239,10 @@ STRATEGIES = {"single": SingleDevice, "ddp": DistributedDataParallel, "fsdp": Fu
 DISTRIBUTED = {"ddp", "fsdp"}  # strategies that need a process group (torchrun)
 
 
-def build_strategy(name: str, device: torch.device, compute_dtype: torch.dtype | None = None) -> Strategy:
+def build_strategy(name: str, device: torch.device, compute_dtype: torch.dtype | None = None,
+                   fsdp: FSDPConfig | None = None, nodes: int = 1) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"train.strategy={name!r} is not one of {sorted(STRATEGIES)}")
     if name == "fsdp":
-        return FullyShardedDataParallel(device, compute_dtype)
+        return FullyShardedDataParallel(device, compute_dtype, fsdp, nodes)
     return STRATEGIES[name](device)

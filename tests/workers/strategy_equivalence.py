@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cluster.env import discover  # noqa: E402
 from models import TarFlow, TarFlowConfig  # noqa: E402
 from trainer.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
-from trainer.config import OptimConfig  # noqa: E402
+from trainer.config import FSDPConfig, OptimConfig  # noqa: E402
 from trainer.distributed import process_group  # noqa: E402
 from trainer.strategy import SingleDevice, build_strategy  # noqa: E402
 
@@ -64,13 +64,16 @@ def training_state_bytes(strategy) -> int:
 def main() -> None:
     name, out = sys.argv[1], Path(sys.argv[2])
     name, _, every = name.partition("+ac")  # e.g. "fsdp+ac1": activation checkpointing of every layer
+    name, _, variant = name.partition(":")  # e.g. "fsdp:block", "fsdp:hybrid"
     env, device = discover(), torch.device("cpu")
     with process_group(env, device):
         if env.rank == 0:  # the one-process reference first: no rank may leave while another still computes
             single = SingleDevice(device)
             ref_losses, ref_params = run(single, 1, 0)
             replica_bytes = training_state_bytes(single)
-        strategy = build_strategy(name, device)
+        options = FSDPConfig(unit="block" if variant == "block" else "layer", hybrid=variant == "hybrid",
+                             reshard_after_forward=variant != "keep")
+        strategy = build_strategy(name, device, fsdp=options, nodes=env.world_size // env.local_world_size)
         losses, _ = run(strategy, env.world_size, env.rank, int(every or 0))
         held = torch.tensor([training_state_bytes(strategy)], dtype=torch.float64)
         dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the fullest rank
