@@ -1,4 +1,5 @@
-"""Activation checkpointing of transformer layers: their activations are recomputed in backward instead of kept."""
+"""Per-layer transforms applied before sharding: activation checkpointing, then torch.compile (the order FSDP2
+expects: checkpointing → compile → sharding)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,12 @@ def _checkpointed(forward):
             return forward(h, attn_temp)
         return checkpoint(forward, h, attn_temp, use_reentrant=False)
     return run
+
+
+def compile_layers(model: TarFlow) -> int:
+    """``torch.compile`` each transformer layer's training forward (the KV-cached ``decode`` stays eager: its
+    shapes change with every token). Parameter names are unchanged; returns how many layers."""
+    layers = [layer for block in model.blocks for layer in block.attn_blocks]
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)

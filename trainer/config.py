@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on bf16-capable CUDA, fp32 otherwise and for uniform noise) | fp32 | bf16
     strategy: str = "single"  # single | ddp | fsdp (ddp and fsdp under torchrun)
     activation_checkpointing: int = 0  # recompute every k-th transformer layer in backward (1: all; 0: off)
+    compile: bool = False    # torch.compile each transformer layer (first steps slower while it compiles)
     max_nonfinite_steps: int = 10  # consecutive skipped (NaN/Inf) steps before the run stops
     resume: str = "auto"     # auto (newest checkpoint in run_dir, if any) | never | path to a checkpoint
 

@@ -17,7 +17,7 @@ from cluster.env import ProcessEnv, discover
 from data_pipeline import build_loader, dataset_info
 from models import TarFlow, num_parameters
 
-from .activation_checkpointing import apply_activation_checkpointing
+from .activation_checkpointing import apply_activation_checkpointing, compile_layers
 from .checkpoint import CheckpointManager, atomic_write_text
 from .config import Config, config_hash, to_yaml, validate
 from .distributed import all_reduce_sum, barrier, gather_objects, process_group
@@ -92,7 +92,9 @@ class Trainer:
         nodes = self.world_size // env.local_world_size
         self.strategy = build_strategy(t.strategy, self.device, self.precision.autocast_dtype, cfg.fsdp, nodes)
         model = TarFlow(cfg.model)
-        apply_activation_checkpointing(model, t.activation_checkpointing)  # before sharding
+        apply_activation_checkpointing(model, t.activation_checkpointing)  # checkpointing → compile → sharding
+        if t.compile:
+            compile_layers(model)
         self.strategy.setup(model, cfg.optim)
         self.model = self.strategy.unwrapped
         if self.world_size > 1:
