@@ -1,0 +1,65 @@
+"""Training throughput and memory per strategy on this machine's CPU: single process vs DDP and FSDP2 on 2 ranks
+(gloo), as ratios to single, measured in one run.
+
+    .venv/bin/python bench/strategies.py [--steps 20] [--config configs/digits.yaml]
+
+Each case is a real `tarflow train` (2 ranks under torchrun) on the embedded digits with the same global batch;
+images/s come from the run's metrics, peak memory is the largest resident set of any rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(strategy: str, run_dir: Path, steps: int, config: str, port: int) -> dict:
+    overrides = [config, f"train.run_dir={run_dir}", f"train.steps={steps}", "schedule.warmup_steps=2",
+                 "eval.at_start=false", "eval.every=0", "sample.num=2", f"logging.every={steps}",
+                 "logging.progress=false", f"train.strategy={strategy}", "checkpoint.every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if strategy != "single" else "2"}
+    if strategy == "single":
+        cmd = [sys.executable, "-m", "trainer.cli", "train", *overrides]
+    else:
+        overrides.append("train.micro_batch=64")  # the same global batch (128) over 2 ranks
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "trainer.cli", "train", *overrides]
+    # A fresh wrapper process per case: its children's peak RSS is this case's largest process (kilobytes).
+    measure = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", measure, *cmd], cwd=REPO, env=env, check=True, capture_output=True,
+                         text=True)
+    wall = time.perf_counter() - start
+    peak_mb = int(out.stdout.split()[-1]) / 1024
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rate = [r["train/images_per_second"] for r in records if "train/images_per_second" in r][-1]
+    return {"images_per_second": rate, "peak_rss_mb": peak_mb, "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--config", default="configs/digits.yaml")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {s: run(s, Path(tmp) / s, args.steps, args.config, 29700 + i)
+                   for i, s in enumerate(("single", "ddp", "fsdp"))}
+    base = results["single"]
+    print(f"{args.config}, {args.steps} steps, 2 CPU cores (single: 2 threads; ranks: 1 thread each)")
+    print(f"{'strategy':<10}{'img/s':>10}{'× single':>10}{'peak RSS MB':>13}{'× single':>10}")
+    for name, r in results.items():
+        print(f"{name:<10}{r['images_per_second']:>10.0f}{r['images_per_second'] / base['images_per_second']:>10.2f}"
+              f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] / base['peak_rss_mb']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
