@@ -109,7 +109,7 @@ class FlowBlock(nn.Module):
             o = self.proj_out(h)
             if guidance_weights is not None:
                 # lerp(u, c, 1 + w) = c + w·(c − u), evaluated by torch as c − (c − u)·(−w): one kernel.
-                o = torch.lerp(o[B:], o[:B], guidance_weights[i])
+                o = torch.lerp(o[B:], o[:B], guidance_weights[i].to(o.dtype))
             a, b = self._split(o)
             if a is None:
                 x[:, i + 1] += b
