@@ -43,19 +43,27 @@ def torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("strategy, port", [("ddp", 29611), ("fsdp", 29614), ("fsdp+ac1", 29616),
-                                            ("fsdp:block", 29617), ("fsdp:keep", 29618)])
+                                            ("fsdp:block", 29617), ("fsdp:keep", 29618),
+                                            ("ddp:bf16", 29619), ("fsdp:bf16+ac1", 29620)])
 def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy, port):
     out = tmp_path / "result.json"
     torchrun([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), strategy, str(out)], port=port)
     result = json.loads(out.read_text())
-    assert result["strategy"] == pytest.approx(result["single"], rel=1e-5)
-    assert result["max_rel_param"] < 1e-5
+    if "bf16" in strategy:
+        # Both runs under bf16 autocast, FSDP also with bf16 parameters (its default): bf16 matmuls over micro-batches
+        # of other shapes round differently (~1e-3 relative on gradients), and AdamW's normalised update turns that
+        # into differences of order lr on parameters whose gradients are small. Gradient reduction stays fp32.
+        loss_rel, param_rel, sample_abs, denoise_abs = 5e-3, 5e-2, 5e-2, 1e-3
+    else:
+        loss_rel, param_rel, sample_abs, denoise_abs = 1e-5, 1e-5, 1e-5, 1e-6
+    assert result["strategy"] == pytest.approx(result["single"], rel=loss_rel)
+    assert result["max_rel_param"] < param_rel
     # Sampling and denoising through the (sharded) model equal the unsharded model's.
-    assert result["sample_diff"] < 1e-5 and result["denoise_diff"] < 1e-6
+    assert result["sample_diff"] < sample_abs and result["denoise_diff"] < denoise_abs
     # Parameters + gradients + AdamW state per rank: a full replica for DDP, about half for FSDP on 2 ranks.
     ratio = result["state_bytes"] / result["replica_bytes"]
     print(f"{strategy}: {result['state_bytes']:.0f} of {result['replica_bytes']} bytes per rank ({ratio:.3f})")
-    assert ratio == 1.0 if strategy == "ddp" else ratio <= 0.6
+    assert ratio == 1.0 if strategy.startswith("ddp") else ratio <= 0.6
 
 
 @pytest.mark.parametrize("strategy, port", [("ddp", 29612), ("fsdp", 29615)])

@@ -31,7 +31,7 @@ def global_batches():
             for _ in range(STEPS)]
 
 
-def run(strategy, parts: int, part: int, checkpoint_every: int = 0):
+def run(strategy, parts: int, part: int, checkpoint_every: int = 0, bf16: bool = False):
     torch.manual_seed(0)
     model = TarFlow(CONFIG)
     apply_activation_checkpointing(model, checkpoint_every)
@@ -42,7 +42,8 @@ def run(strategy, parts: int, part: int, checkpoint_every: int = 0):
         step_loss = 0.0
         for i, (xm, ym) in enumerate(zip(x.chunk(MICRO_STEPS), y.chunk(MICRO_STEPS))):
             with strategy.accumulating() if i < MICRO_STEPS - 1 else contextlib.nullcontext():
-                loss = TarFlow.loss(*strategy.model(xm, ym))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = TarFlow.loss(*strategy.model(xm, ym))
                 strategy.backward(loss / MICRO_STEPS)
             step_loss += loss.item() / MICRO_STEPS
         strategy.step(1e-3, 1.0, torch.tensor(True))
@@ -64,17 +65,19 @@ def training_state_bytes(strategy) -> int:
 def main() -> None:
     name, out = sys.argv[1], Path(sys.argv[2])
     name, _, every = name.partition("+ac")  # e.g. "fsdp+ac1": activation checkpointing of every layer
-    name, _, variant = name.partition(":")  # e.g. "fsdp:block", "fsdp:hybrid"
+    name, _, variant = name.partition(":")  # e.g. "fsdp:block", "fsdp:hybrid", "fsdp:bf16"
     env, device = discover(), torch.device("cpu")
     with process_group(env, device):
+        bf16 = variant == "bf16"  # both runs under bf16 autocast; FSDP also keeps bf16 parameters for compute
         if env.rank == 0:  # the one-process reference first: no rank may leave while another still computes
             single = SingleDevice(device)
-            ref_losses, ref_params = run(single, 1, 0)
+            ref_losses, ref_params = run(single, 1, 0, bf16=bf16)
             replica_bytes = training_state_bytes(single)
         options = FSDPConfig(unit="block" if variant == "block" else "layer", hybrid=variant == "hybrid",
                              reshard_after_forward=variant != "keep")
-        strategy = build_strategy(name, device, fsdp=options, nodes=env.world_size // env.local_world_size)
-        losses, _ = run(strategy, env.world_size, env.rank, int(every or 0))
+        strategy = build_strategy(name, device, torch.bfloat16 if bf16 else None, fsdp=options,
+                                  nodes=env.world_size // env.local_world_size)
+        losses, _ = run(strategy, env.world_size, env.rank, int(every or 0), bf16=bf16)
         held = torch.tensor([training_state_bytes(strategy)], dtype=torch.float64)
         dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the fullest rank
         mean = torch.tensor(losses, dtype=torch.float64)
@@ -85,7 +88,8 @@ def main() -> None:
         # Sampling and denoising through the strategy's model (every rank, same noise) vs an unsharded copy.
         noise = torch.randn(3, CONFIG.num_patches, CONFIG.patch_dim, generator=torch.Generator().manual_seed(5))
         labels = torch.tensor([1, -1, 7])
-        with strategy.inference():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        with strategy.inference(), autocast:
             sampled = strategy.unwrapped.reverse(noise, labels, guidance=1.0)
             denoised = strategy.unwrapped.denoise(sampled, labels, noise_std=0.05)
         if env.rank == 0:
@@ -93,11 +97,14 @@ def main() -> None:
             plain.load_state_dict(full)
             rel = max(((full[k] - ref_params[k]).abs().max() / ref_params[k].abs().max().clamp_min(1e-12)).item()
                       for k in full)
+            with autocast:
+                plain_sampled = plain.reverse(noise, labels, guidance=1.0)
+                plain_denoised = plain.denoise(sampled, labels, noise_std=0.05)
             out.write_text(json.dumps({
                 "strategy": losses, "single": ref_losses, "max_rel_param": rel,
                 "state_bytes": held.item(), "replica_bytes": replica_bytes,
-                "sample_diff": (sampled - plain.reverse(noise, labels, guidance=1.0)).abs().max().item(),
-                "denoise_diff": (denoised - plain.denoise(sampled, labels, noise_std=0.05)).abs().max().item()}))
+                "sample_diff": (sampled - plain_sampled).abs().max().item(),
+                "denoise_diff": (denoised - plain_denoised).abs().max().item()}))
         dist.barrier()
 
 
