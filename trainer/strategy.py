@@ -211,7 +211,7 @@ class FullyShardedDataParallel(SingleDevice):
         finally:
             for unit in units:
                 unit.reshard()
-                unit.set_reshard_after_forward(True)
+                unit.set_reshard_after_forward(self.options.reshard_after_forward)  # as set up (root included)
                 unit.set_reshard_after_backward(True)
 
     def _on_all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
