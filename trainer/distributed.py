@@ -21,6 +21,8 @@ def process_group(env: ProcessEnv, device: torch.device):
         created = True
     try:
         yield
+        if created:  # all ranks finished normally: leave together, or a fast rank's teardown aborts a slow one's I/O
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
