@@ -21,9 +21,19 @@ TINY = ["model.channels=32", "model.head_dim=16", "model.num_blocks=2", "model.l
         "eval.every=0", "sample.every=0", "sample.num=4", "logging.every=2", "logging.progress=false"]
 
 
-def two_agents(args: list[str], port: int) -> list[str]:
+def free_port() -> int:
+    """A port nobody listens on now (fixed ports collide with a previous run's lingering rendezvous socket)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_agents(args: list[str]) -> list[str]:
     """Two torchrun agents of one process each (--nnodes=2) meeting through c10d on loopback: two "nodes"."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = free_port()
     agents = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}", *args],
@@ -33,8 +43,9 @@ def two_agents(args: list[str], port: int) -> list[str]:
     return outputs
 
 
-def torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-backend=c10d", *args]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -42,12 +53,12 @@ def torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("strategy, port", [("ddp", 29611), ("fsdp", 29614), ("fsdp+ac1", 29616),
-                                            ("fsdp:block", 29617), ("fsdp:keep", 29618),
-                                            ("ddp:bf16", 29619), ("fsdp:bf16+ac1", 29620)])
-def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy, port):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+ac1",
+                                            "fsdp:block", "fsdp:keep",
+                                            "ddp:bf16", "fsdp:bf16+ac1"])
+def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy):
     out = tmp_path / "result.json"
-    torchrun([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), strategy, str(out)], port=port)
+    torchrun([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), strategy, str(out)])
     result = json.loads(out.read_text())
     if "bf16" in strategy:
         # Both runs under bf16 autocast, FSDP also with bf16 parameters (its default): bf16 matmuls over micro-batches
@@ -66,16 +77,16 @@ def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy, po
     assert ratio == 1.0 if strategy.startswith("ddp") else ratio <= 0.6
 
 
-@pytest.mark.parametrize("strategy, port", [("ddp", 29612), ("fsdp", 29615)])
-def test_two_rank_training_resumes_bitwise_and_evaluates_the_whole_heldout_split(tmp_path, strategy, port):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_rank_training_resumes_bitwise_and_evaluates_the_whole_heldout_split(tmp_path, strategy):
     overrides = [*TINY, f"train.strategy={strategy}", "train.steps=12", "checkpoint.every=4", "checkpoint.keep=5"]
     straight = tmp_path / "straight"
-    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={straight}", *overrides], port=port)
+    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={straight}", *overrides])
     # A crash right after the step-8 checkpoint: a new run directory holding only that checkpoint.
     crashed = tmp_path / "crashed"
     (crashed / "checkpoints").mkdir(parents=True)
     shutil.copy(straight / "checkpoints" / "step-00000008.pt", crashed / "checkpoints")
-    result = torchrun(["-m", "trainer.cli", "train", f"train.run_dir={crashed}", *overrides], port=port + 10)
+    result = torchrun(["-m", "trainer.cli", "train", f"train.run_dir={crashed}", *overrides])
     assert "resumed from step 8" in result.stdout
     a = load_checkpoint_file(straight / "checkpoints" / "step-00000012.pt")
     b = load_checkpoint_file(crashed / "checkpoints" / "step-00000012.pt")
@@ -109,8 +120,8 @@ def test_strategy_and_launch_must_agree_before_any_process_group(tmp_path):
 def test_two_nodes_of_one_process_train_exactly_like_one_node_of_two(tmp_path):
     """Multi-node rendezvous through torchrun's c10d backend: two agents (--nnodes=2) on loopback."""
     overrides = [*TINY, "train.strategy=ddp", "train.steps=6", "eval.at_start=false"]
-    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'one_node'}", *overrides], port=29631)
-    two_agents(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'two_nodes'}", *overrides], port=29632)
+    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'one_node'}", *overrides])
+    two_agents(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'two_nodes'}", *overrides])
     a = load_checkpoint_file(tmp_path / "one_node" / "checkpoints" / "step-00000006.pt")["strategy"]["model"]
     b = load_checkpoint_file(tmp_path / "two_nodes" / "checkpoints" / "step-00000006.pt")["strategy"]["model"]
     for key in a:
@@ -120,7 +131,7 @@ def test_two_nodes_of_one_process_train_exactly_like_one_node_of_two(tmp_path):
 def test_hybrid_sharding_replicates_across_nodes_and_matches_one_process(tmp_path):
     """fsdp.hybrid on 2 nodes × 1 rank: a (replicate=2, shard=1) mesh, i.e. a full replica per node."""
     out = tmp_path / "result.json"
-    two_agents([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), "fsdp:hybrid", str(out)], port=29633)
+    two_agents([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), "fsdp:hybrid", str(out)])
     result = json.loads(out.read_text())
     assert result["strategy"] == pytest.approx(result["single"], rel=1e-5)
     assert result["max_rel_param"] < 1e-5 and result["sample_diff"] < 1e-5
