@@ -108,8 +108,10 @@ class FlowBlock(nn.Module):
                 h = layer.decode(h, kv_cache[layer_idx], i, q_scale)
             o = self.proj_out(h)
             if guidance_weights is not None:
+                if guidance_weights.dtype != o.dtype:  # bf16 under autocast: cast the table once, not every step
+                    guidance_weights = guidance_weights.to(o.dtype)
                 # lerp(u, c, 1 + w) = c + w·(c − u), evaluated by torch as c − (c − u)·(−w): one kernel.
-                o = torch.lerp(o[B:], o[:B], guidance_weights[i].to(o.dtype))
+                o = torch.lerp(o[B:], o[:B], guidance_weights[i])
             a, b = self._split(o)
             if a is None:
                 x[:, i + 1] += b
