@@ -30,7 +30,7 @@ def worker(strategy_name: str, seconds: float, compile_layers_: bool) -> None:
     from trainer.config import OptimConfig
     from trainer.distributed import process_group
     from trainer.flops import default_peak_flops, flops_per_image, mfu
-    from trainer.strategy import build_strategy
+    from trainer.strategies import build_strategy
 
     config = TarFlowConfig(in_channels=3, img_size=64, patch_size=2, channels=768, num_blocks=8, layers_per_block=8,
                            num_classes=1000)

@@ -1,4 +1,5 @@
-"""DDP and FSDP2 with real processes (torchrun, 2 ranks, gloo on CPU): the same mathematics as one process."""
+"""DDP, FSDP2 and DeepSpeed ZeRO with real processes (torchrun, 2 ranks, gloo on CPU): the same mathematics as
+one process."""
 
 import json
 import os
@@ -44,7 +45,7 @@ def two_agents(args: list[str]) -> list[str]:
 
 
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-backend=c10d", *args]
@@ -53,28 +54,46 @@ def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+ac1",
-                                            "fsdp:block", "fsdp:keep",
-                                            "ddp:bf16", "fsdp:bf16+ac1"])
+# Per-rank bytes of parameters + gradients + AdamW state, as a fraction of a full fp32 replica's 16 bytes per
+# parameter (4 parameter + 4 gradient + 8 moments), on 2 ranks:
+#   ddp 16/16; fsdp (all sharded) 8/16; ZeRO-1 (4 + 2 master + 4 + 4)/16; ZeRO-2 (4 + 2 + 2 + 4)/16;
+#   ZeRO-3 (2 + 2 + 2 + 4)/16: DeepSpeed keeps a separate fp32 master copy of each partition even when the model
+#   is fp32; with bf16 parameters (its intended use) (1 + 2 + 2 + 4)/16.
+EXPECTED_STATE = {"ddp": 1.0, "fsdp": 0.5, "deepspeed:1": 14 / 16, "deepspeed:2": 12 / 16, "deepspeed:3": 10 / 16,
+                  "deepspeed:3,bf16": 9 / 16}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+ac1", "fsdp:block", "fsdp:keep", "ddp:bf16",
+                                      "fsdp:bf16+ac1", "deepspeed:1", "deepspeed:2", "deepspeed:3",
+                                      "deepspeed:2+ac1", "deepspeed:3,bf16+ac1"])
 def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy):
     out = tmp_path / "result.json"
     torchrun([str(REPO / "tests" / "workers" / "strategy_equivalence.py"), strategy, str(out)])
     result = json.loads(out.read_text())
     if "bf16" in strategy:
-        # Both runs under bf16 autocast, FSDP also with bf16 parameters (its default): bf16 matmuls over micro-batches
-        # of other shapes round differently (~1e-3 relative on gradients), and AdamW's normalised update turns that
-        # into differences of order lr on parameters whose gradients are small. Gradient reduction stays fp32.
-        loss_rel, param_rel, sample_abs, denoise_abs = 5e-3, 5e-2, 5e-2, 1e-3
+        # Both runs under bf16 autocast, FSDP and DeepSpeed also with bf16 parameters for compute (fp32 masters):
+        # bf16 matmuls over micro-batches of other shapes round differently (~1e-3 relative on gradients), and
+        # AdamW's normalised update (about lr per element and step) can turn that into a different direction for
+        # elements whose gradients are tiny, e.g. the zero-initialised output projections. So parameters are compared
+        # in units of the largest movement AdamW allows (the sum of the learning rates, Σlr): fewer than 2% of the
+        # elements may have departed by more than Σlr/10 (a wrong rate, reduction or update moves most of them),
+        # none by more than Σlr. Reductions stay fp32.
+        assert result["strategy"] == pytest.approx(result["single"], rel=5e-3)
+        assert result["far_fraction"] < 0.02 and result["max_abs_param"] < result["lr_sum"]
+        assert result["sample_diff"] < 5e-2 and result["denoise_diff"] < 1e-3
     else:
-        loss_rel, param_rel, sample_abs, denoise_abs = 1e-5, 1e-5, 1e-5, 1e-6
-    assert result["strategy"] == pytest.approx(result["single"], rel=loss_rel)
-    assert result["max_rel_param"] < param_rel
-    # Sampling and denoising through the (sharded) model equal the unsharded model's.
-    assert result["sample_diff"] < sample_abs and result["denoise_diff"] < denoise_abs
-    # Parameters + gradients + AdamW state per rank: a full replica for DDP, about half for FSDP on 2 ranks.
+        assert result["strategy"] == pytest.approx(result["single"], rel=1e-5)
+        assert result["max_rel_param"] < 1e-5
+        # Sampling and denoising through the (sharded) model equal the unsharded model's.
+        assert result["sample_diff"] < 1e-5 and result["denoise_diff"] < 1e-6
     ratio = result["state_bytes"] / result["replica_bytes"]
-    print(f"{strategy}: {result['state_bytes']:.0f} of {result['replica_bytes']} bytes per rank ({ratio:.3f})")
-    assert ratio == 1.0 if strategy.startswith("ddp") else ratio <= 0.6
+    print(f"{strategy}: far {result['far_fraction']:.4f} max {result['max_abs_param']:.2e}; "
+          f"{result['state_bytes']:.0f} of {result['replica_bytes']} bytes per rank ({ratio:.4f})")
+    kind = strategy.split("+")[0].replace(",bf16", ",bf16" if strategy.startswith("deepspeed") else "")
+    kind = kind if kind in EXPECTED_STATE else kind.split(":")[0]
+    assert ratio == pytest.approx(EXPECTED_STATE[kind], abs=0.01)
+    if kind in ("fsdp", "deepspeed:3,bf16"):
+        assert ratio <= 0.6
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

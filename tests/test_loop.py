@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.strategy as strategy_module
+import trainer.strategies.single as strategy_module
 from models import TarFlow
 from trainer.checkpoint import CheckpointManager, load_checkpoint_file
 from trainer.config import load_config

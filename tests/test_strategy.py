@@ -5,7 +5,7 @@ import torch
 
 from models import TarFlow, TarFlowConfig
 from trainer.config import OptimConfig
-from trainer.strategy import SingleDevice, build_strategy
+from trainer.strategies import SingleDevice, build_strategy
 
 TINY = TarFlowConfig(in_channels=1, img_size=8, patch_size=2, channels=32, head_dim=16, num_blocks=2,
                      layers_per_block=1)

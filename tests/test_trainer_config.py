@@ -1,7 +1,7 @@
 import pytest
 
 from trainer.config import Config, ConfigError, config_hash, from_yaml_text, load_config, to_yaml, validate
-from trainer.strategy import STRATEGIES
+from trainer.strategies import STRATEGIES
 import trainer.config as config_module
 
 

@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"     # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on bf16-capable CUDA, fp32 otherwise and for uniform noise) | fp32 | bf16
-    strategy: str = "single"  # single | ddp | fsdp (ddp and fsdp under torchrun)
+    strategy: str = "single"  # single | ddp | fsdp | deepspeed (all but single under torchrun or deepspeed)
     activation_checkpointing: int = 0  # recompute every k-th transformer layer in backward (1: all; 0: off)
     compile: bool = False    # torch.compile each transformer layer (first steps slower while it compiles)
     max_nonfinite_steps: int = 10  # consecutive skipped (NaN/Inf) steps before the run stops
@@ -76,6 +76,15 @@ class FSDPConfig:
     cpu_offload: bool = False           # sharded parameters, gradients and optimizer state live in host memory
     reduce_dtype: str = "fp32"          # gradient reduction; "bf16" only on request (likelihoods are sensitive)
     hybrid: bool = False                # shard within a node, replicate across nodes (a 2-D device mesh)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Options of ``train.strategy=deepspeed``. Batch, accumulation, clipping, precision and the optimizer come from
+    our own sections."""
+
+    stage: int = 2    # ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters partitioned over the ranks
+    config: str = ""  # an expert DeepSpeed JSON merged into ours; a key contradicting our config is an error
 
 
 @dataclass
@@ -121,6 +130,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -129,7 +139,7 @@ class Config:
 
 NOISE_KINDS = ("uniform", "gaussian")
 PRECISIONS = ("auto", "fp32", "bf16")
-STRATEGIES = ("single", "ddp", "fsdp")  # trainer.strategy's registry (a test keeps them equal)
+STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # trainer.strategy's registry (a test keeps them equal)
 
 
 # ---------------------------------------------------------------- loading
@@ -213,6 +223,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(cfg.fsdp.unit in ("layer", "block"), "fsdp.unit", f"must be layer or block, got {cfg.fsdp.unit!r}")
     _require(cfg.fsdp.reduce_dtype in ("fp32", "bf16"), "fsdp.reduce_dtype",
              f"must be fp32 or bf16, got {cfg.fsdp.reduce_dtype!r}")
+    _require(cfg.deepspeed.stage in (1, 2, 3), "deepspeed.stage", f"must be 1, 2 or 3, got {cfg.deepspeed.stage}")
     _require(t.activation_checkpointing >= 0, "train.activation_checkpointing",
              f"must be >= 0 (0: off, k: every k-th layer), got {t.activation_checkpointing}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")

@@ -29,7 +29,7 @@ from .optim import build_schedule
 from .run_state import RunState, capture_rng, restore_rng, seed_everything
 from .runtime import resolve_device, resolve_precision
 from .sampling import SampleResult, fixed_noise_and_labels, generate, sample_config_guidances, save_grids
-from .strategy import DISTRIBUTED, build_strategy
+from .strategies import DISTRIBUTED, check_strategy_config, strategy_from_config
 
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 LOG_BIN = math.log(128.0)
@@ -90,7 +90,7 @@ class Trainer:
 
         seed_everything(t.seed)  # the same initial model on every rank
         nodes = self.world_size // env.local_world_size
-        self.strategy = build_strategy(t.strategy, self.device, self.precision.autocast_dtype, cfg.fsdp, nodes)
+        self.strategy = strategy_from_config(cfg, self.device, self.precision.autocast_dtype, self.world_size, nodes)
         model = TarFlow(cfg.model)
         apply_activation_checkpointing(model, t.activation_checkpointing)  # checkpointing → compile → sharding
         if t.compile:
@@ -288,10 +288,11 @@ def check_launch(cfg: Config, env: ProcessEnv) -> None:
     strategy = cfg.train.strategy
     if strategy in DISTRIBUTED and env.scheduler == "none":
         raise ValueError(f"train.strategy={strategy} runs one process per device: launch with torchrun, e.g. "
-                         f"`torchrun --nproc_per_node=2 -m trainer.cli train ...`")
+                         f"`torchrun --nproc_per_node=2 -m trainer.cli train ...` (or the deepspeed launcher)")
     if strategy not in DISTRIBUTED and env.world_size > 1:
         raise ValueError(f"train.strategy={strategy} but this is one of {env.world_size} processes; choose "
                          f"train.strategy=ddp")
+    check_strategy_config(cfg, env.world_size)
     check_model_matches_data(cfg)
 
 

@@ -16,13 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cluster.env import discover  # noqa: E402
 from models import TarFlow, TarFlowConfig  # noqa: E402
 from trainer.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
-from trainer.config import FSDPConfig, OptimConfig  # noqa: E402
+from trainer.config import Config, FSDPConfig, OptimConfig  # noqa: E402
 from trainer.distributed import process_group  # noqa: E402
-from trainer.strategy import SingleDevice, build_strategy  # noqa: E402
+from trainer.strategies import SingleDevice, build_strategy  # noqa: E402
+from trainer.strategies.deepspeed_config import build_deepspeed_config  # noqa: E402
 
 CONFIG = TarFlowConfig(in_channels=1, img_size=8, patch_size=2, channels=32, head_dim=16, num_blocks=2,
                        layers_per_block=1, num_classes=10)
 GLOBAL_BATCH, MICRO_STEPS, STEPS = 8, 2, 4
+LRS = [1e-3 * (k + 1) / STEPS for k in range(STEPS)]  # a changing rate: the strategy must apply the one it is given
 
 
 def global_batches():
@@ -37,7 +39,7 @@ def run(strategy, parts: int, part: int, checkpoint_every: int = 0, bf16: bool =
     apply_activation_checkpointing(model, checkpoint_every)
     strategy.setup(model, OptimConfig(lr=1e-3))
     losses = []
-    for x, y in global_batches():
+    for lr, (x, y) in zip(LRS, global_batches()):
         x, y = x.chunk(parts)[part], y.chunk(parts)[part]
         step_loss = 0.0
         for i, (xm, ym) in enumerate(zip(x.chunk(MICRO_STEPS), y.chunk(MICRO_STEPS))):
@@ -46,44 +48,40 @@ def run(strategy, parts: int, part: int, checkpoint_every: int = 0, bf16: bool =
                     loss = TarFlow.loss(*strategy.model(xm, ym))
                 strategy.backward(loss / MICRO_STEPS)
             step_loss += loss.item() / MICRO_STEPS
-        strategy.step(1e-3, 1.0, torch.tensor(True))
+        strategy.step(lr, 1.0, torch.tensor(True))
         losses.append(step_loss)
     return losses, {k: v.detach().clone() for k, v in strategy.unwrapped.state_dict().items()}
-
-
-def training_state_bytes(strategy) -> int:
-    """This rank's bytes of parameters + gradients (as large as the parameters) + optimizer state."""
-    def local(t):
-        t = t.to_local() if isinstance(t, DTensor) else t
-        return t.numel() * t.element_size()
-    params = sum(local(p) for p in strategy.unwrapped.parameters())
-    optimizer = sum(local(v) for state in strategy.optimizer.state.values() for v in state.values()
-                    if torch.is_tensor(v) and v.dim() > 0)
-    return 2 * params + optimizer
 
 
 def main() -> None:
     name, out = sys.argv[1], Path(sys.argv[2])
     name, _, every = name.partition("+ac")  # e.g. "fsdp+ac1": activation checkpointing of every layer
-    name, _, variant = name.partition(":")  # e.g. "fsdp:block", "fsdp:hybrid", "fsdp:bf16"
+    name, _, variant = name.partition(":")  # e.g. "fsdp:block", "fsdp:hybrid", "fsdp:bf16", "deepspeed:3,bf16"
+    variants = set(variant.split(","))
     env, device = discover(), torch.device("cpu")
     with process_group(env, device):
-        bf16 = variant == "bf16"  # both runs under bf16 autocast; FSDP also keeps bf16 parameters for compute
+        bf16 = "bf16" in variants  # both runs under bf16 autocast; FSDP also keeps bf16 parameters for compute
         if env.rank == 0:  # the one-process reference first: no rank may leave while another still computes
             single = SingleDevice(device)
             ref_losses, ref_params = run(single, 1, 0, bf16=bf16)
-            replica_bytes = training_state_bytes(single)
-        options = FSDPConfig(unit="block" if variant == "block" else "layer", hybrid=variant == "hybrid",
-                             reshard_after_forward=variant != "keep")
+            replica_bytes = single.training_state_bytes()
+        options = FSDPConfig(unit="block" if "block" in variants else "layer", hybrid="hybrid" in variants,
+                             reshard_after_forward="keep" not in variants)
+        ds_config = None
+        if name == "deepspeed":
+            cfg = Config()
+            cfg.train.global_batch, cfg.train.micro_batch = GLOBAL_BATCH, GLOBAL_BATCH // (env.world_size * MICRO_STEPS)
+            cfg.deepspeed.stage = int(next(v for v in variants if v.isdigit()))
+            ds_config = build_deepspeed_config(cfg, env.world_size, bf16=bf16)
         strategy = build_strategy(name, device, torch.bfloat16 if bf16 else None, fsdp=options,
-                                  nodes=env.world_size // env.local_world_size)
+                                  nodes=env.world_size // env.local_world_size, deepspeed_config=ds_config)
         losses, _ = run(strategy, env.world_size, env.rank, int(every or 0), bf16=bf16)
-        held = torch.tensor([training_state_bytes(strategy)], dtype=torch.float64)
+        held = torch.tensor([strategy.training_state_bytes()], dtype=torch.float64)
         dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the fullest rank
         mean = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(mean)
         losses = (mean / env.world_size).tolist()
-        full = strategy.state_dict()["model"]  # collective for sharded strategies; full on rank 0
+        full = strategy.full_model_state_dict()  # collective for sharded strategies; full on rank 0
 
         # Sampling and denoising through the strategy's model (every rank, same noise) vs an unsharded copy.
         noise = torch.randn(3, CONFIG.num_patches, CONFIG.patch_dim, generator=torch.Generator().manual_seed(5))
@@ -95,13 +93,21 @@ def main() -> None:
         if env.rank == 0:
             plain = TarFlow(CONFIG)
             plain.load_state_dict(full)
-            rel = max(((full[k] - ref_params[k]).abs().max() / ref_params[k].abs().max().clamp_min(1e-12)).item()
-                      for k in full)
+            rels = {k: ((full[k] - ref_params[k]).abs().max() / ref_params[k].abs().max().clamp_min(1e-12)).item()
+                    for k in full}
+            worst = max(rels, key=rels.get)
+            print(f"largest relative parameter difference: {worst} {rels[worst]:.3g}")
+            rel = rels[worst]
+            abs_diff = max((full[k] - ref_params[k]).abs().max().item() for k in full)
+            params = dict(plain.named_parameters())
+            diffs = torch.cat([(full[k] - ref_params[k]).abs().flatten() for k in full if k in params])
+            far = (diffs > 0.1 * sum(LRS)).float().mean().item()  # elements whose AdamW path departed noticeably
             with autocast:
                 plain_sampled = plain.reverse(noise, labels, guidance=1.0)
                 plain_denoised = plain.denoise(sampled, labels, noise_std=0.05)
             out.write_text(json.dumps({
-                "strategy": losses, "single": ref_losses, "max_rel_param": rel,
+                "strategy": losses, "single": ref_losses, "max_rel_param": rel, "max_abs_param": abs_diff,
+                "far_fraction": far, "lr_sum": sum(LRS),
                 "state_bytes": held.item(), "replica_bytes": replica_bytes,
                 "sample_diff": (sampled - plain_sampled).abs().max().item(),
                 "denoise_diff": (denoised - plain_denoised).abs().max().item()}))

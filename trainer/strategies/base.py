@@ -1,0 +1,80 @@
+"""The interface between the training loop and a way of placing and updating the model."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models import TarFlow
+
+from ..config import OptimConfig
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # global norm before clipping
+    applied: bool     # False: loss or gradients were not finite and the update was skipped
+
+
+class Strategy(ABC):
+    @abstractmethod
+    def setup(self, model: TarFlow, optim: OptimConfig) -> None:
+        """Place and wrap the model and build its optimizer."""
+
+    @property
+    @abstractmethod
+    def model(self) -> nn.Module:
+        """The module to call for training forward passes."""
+
+    @property
+    @abstractmethod
+    def unwrapped(self) -> TarFlow:
+        """The plain TarFlow (evaluation, sampling, export)."""
+
+    def accumulating(self) -> contextlib.AbstractContextManager:
+        """Context for micro-batches whose gradients are not yet reduced (all but the last of a step)."""
+        return contextlib.nullcontext()
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        """Context in which ``unwrapped`` can run every entry point (``reverse``, ``denoise``), not only forward.
+        All ranks enter it together."""
+        return contextlib.nullcontext()
+
+    @property
+    def replicated(self) -> bool:
+        """Every rank holds the whole model (one rank can sample alone)."""
+        return True
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self, lr: float, max_grad_norm: float, loss_is_finite: torch.Tensor) -> StepResult:
+        """Clip, and update unless the loss or the gradients are not finite; then clear gradients."""
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 state dict (export, evaluation in one process). Collective: every rank calls it;
+        rank 0 receives the full state (sharded strategies may give the others an empty one)."""
+        return self.unwrapped.state_dict()
+
+    def training_state_bytes(self) -> int:
+        """This rank's bytes of parameters + gradients (as large as the parameters) + optimizer state."""
+        from torch.distributed.tensor import DTensor
+
+        def local(t: torch.Tensor) -> int:
+            t = t.to_local() if isinstance(t, DTensor) else t
+            return t.numel() * t.element_size()
+        params = sum(local(p) for p in self.unwrapped.parameters())
+        optimizer = sum(local(v) for state in self.optimizer.state.values() for v in state.values()
+                        if torch.is_tensor(v) and v.dim() > 0)
+        return 2 * params + optimizer
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...

@@ -1,0 +1,133 @@
+"""DeepSpeed ZeRO stage 1, 2 or 3: DeepSpeed's engine owns the optimizer state partitioning, gradient reduction,
+clipping and (with bf16) the fp32 master weights. Our AdamW is the client optimizer and our schedule sets its
+learning rate, so the mathematics is the other strategies'."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from models import TarFlow
+
+from ..config import OptimConfig
+from ..optim import parameter_groups
+from .base import StepResult, Strategy
+
+
+def require_deepspeed():
+    """Import DeepSpeed, or say how to get it (checked before any process group is made)."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError(f"train.strategy=deepspeed needs the deepspeed package ({e}); install it with "
+                          f"`pip install -e \".[deepspeed]\"` (DS_BUILD_OPS=0: no ops need prebuilding), or choose "
+                          f"train.strategy=fsdp") from None
+    return deepspeed
+
+
+class DeepSpeedZeRO(Strategy):
+    """``deepspeed.initialize`` over the model with a config dict from ``build_deepspeed_config``.
+
+    The engine runs with ``managed_gradient_accumulation=false``: ``backward`` only accumulates, and ``step`` is the
+    boundary that reduces, clips and updates; a non-finite gradient norm makes the engine skip the update on every
+    rank. Stage 3 partitions the parameters too: ``inference()`` gathers them for ``reverse`` and ``denoise``.
+    """
+
+    def __init__(self, device: torch.device, ds_config: dict):
+        self.device = device
+        self.ds_config = ds_config
+        self.stage = ds_config["zero_optimization"]["stage"]
+
+    def setup(self, model: TarFlow, optim: OptimConfig) -> None:
+        deepspeed = require_deepspeed()
+        model = model.to(self.device)
+        bf16 = self.ds_config["bf16"]["enabled"]
+        # With bf16 the engine casts the module to bf16 first and makes its fp32 masters from that cast, which
+        # would round the initial (or imported) weights to bf16; the exact values are put back into the masters.
+        exact = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()} if bf16 else {}
+        betas, eps = tuple(optim.betas), optim.eps
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=parameter_groups(model, optim), config=self.ds_config,
+            optimizer=lambda groups: torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=eps))
+        if exact:
+            from deepspeed.utils import safe_set_full_fp32_param
+            for name, p in self.engine.module.named_parameters():
+                safe_set_full_fp32_param(p, exact.pop(name).to(self.device))
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine
+
+    @property
+    def unwrapped(self) -> TarFlow:
+        return self.engine.module
+
+    @property
+    def replicated(self) -> bool:
+        return self.stage < 3
+
+    @contextlib.contextmanager
+    def inference(self):
+        if self.stage < 3:
+            yield
+            return
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divides by the accumulation steps
+
+    def step(self, lr: float, max_grad_norm: float, loss_is_finite: torch.Tensor) -> StepResult:
+        # Clipping is configured once (gradient_clipping); max_grad_norm is the same number, from optim.grad_clip.
+        # loss_is_finite is implied: a non-finite loss gives non-finite gradients, which the engine detects.
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(grad_norm=float(norm) if norm is not None else float("nan"),
+                          applied=bool(self.engine.was_step_applied()))
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """From the fp32 master weights (with bf16 the module holds only bf16 copies); gathered for stage 3."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        return {key: (safe_get_full_fp32_param(params[key]) if key in params else value).detach().cpu().clone()
+                for key, value in module.state_dict().items()}
+
+    def training_state_bytes(self) -> int:
+        """This rank's parameters (stage 3: its partition), fp32 master partitions, gradients (stage 1: all;
+        stage 2 and 3: its partition) and AdamW state; shared storage counted once."""
+        seen: set[int] = set()
+
+        def size(t: torch.Tensor | None) -> int:
+            if t is None or t.numel() == 0:
+                return 0
+            key = t.untyped_storage().data_ptr()
+            if key in seen:
+                return 0
+            seen.add(key)
+            return t.untyped_storage().nbytes()
+
+        params = list(self.engine.module.parameters())
+        held = sum(size(p.ds_tensor if hasattr(p, "ds_tensor") else p.data) for p in params)
+        zero = self.optimizer
+        masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(
+            zero, "fp32_partitioned_groups_flat", [])
+        held += sum(size(m) for m in masters)
+        partition = sum(m.numel() for m in masters)
+        full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+        held += 4 * (full if self.stage == 1 else partition)  # fp32 gradients, freed after each step
+        held += sum(size(v) for state in zero.optimizer.state.values() for v in state.values()
+                    if torch.is_tensor(v) and v.dim() > 0)
+        return held
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError("DeepSpeed checkpoints are the engine's own (save_state)")
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError("DeepSpeed checkpoints are the engine's own (load_state)")

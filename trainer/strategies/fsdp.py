@@ -1,0 +1,116 @@
+"""FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the ranks."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from models import TarFlow
+
+from ..config import FSDPConfig, OptimConfig
+from ..distributed import all_ranks_true
+from ..optim import build_optimizer
+from .single import SingleDevice
+
+
+class FullyShardedDataParallel(SingleDevice):
+    """FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over the ranks, each transformer
+    layer (``fsdp.unit=layer``) or flow block (``block``) one unit gathered for its forward and backward, the rest
+    in the root unit; ``fsdp.hybrid`` shards within a node and replicates across nodes.
+
+    Mixed precision: with bf16 autocast the units compute in bf16 and reduce gradients in fp32 (log-likelihood
+    training is sensitive to low-precision reductions). Checkpoints hold full (unsharded) state dicts, gathered to
+    rank 0, so they load into any strategy and world size; sharded ``torch.distributed.checkpoint`` comes with the
+    checkpoint store. ``reverse`` and ``denoise`` run inside ``inference()``: every unit is gathered once for the
+    duration instead of once per decoded token.
+    """
+
+    def __init__(self, device: torch.device, compute_dtype: torch.dtype | None = None,
+                 options: FSDPConfig | None = None, nodes: int = 1):
+        super().__init__(device)
+        self.compute_dtype = compute_dtype
+        self.options = options or FSDPConfig()
+        self.nodes = nodes
+
+    def setup(self, model: TarFlow, optim: OptimConfig) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        o = self.options
+        model = model.to(self.device)
+        reduce_dtype = torch.bfloat16 if o.reduce_dtype == "bf16" else torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=reduce_dtype) \
+            if self.compute_dtype is not None else MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+        mesh = None
+        if o.hybrid:  # (replicate over nodes, shard within a node): HSDP
+            world = torch.distributed.get_world_size()
+            if world % self.nodes:
+                raise ValueError(f"fsdp.hybrid needs the same number of ranks on every node: {world} ranks, "
+                                 f"{self.nodes} nodes")
+            mesh = init_device_mesh(self.device.type, (self.nodes, world // self.nodes),
+                                    mesh_dim_names=("replicate", "shard"))
+        kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=o.reshard_after_forward,
+                      offload_policy=CPUOffloadPolicy() if o.cpu_offload else OffloadPolicy())
+        units = [layer for block in model.blocks for layer in block.attn_blocks] if o.unit == "layer" \
+            else list(model.blocks)
+        for unit in units:
+            fully_shard(unit, **kwargs)
+        fully_shard(model, **kwargs)
+        self._module = self._wrapped = model
+        self.optimizer = build_optimizer(model, optim)
+
+    @property
+    def replicated(self) -> bool:
+        return False
+
+    def _units(self) -> list[nn.Module]:
+        return [m for m in self._module.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+
+    @contextlib.contextmanager
+    def accumulating(self):
+        self._module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self._module.set_requires_gradient_sync(True)
+
+    @contextlib.contextmanager
+    def inference(self):
+        units = self._units()
+        for unit in units:  # denoise runs a backward: keep the units gathered through it as well
+            unit.set_reshard_after_forward(False)
+            unit.set_reshard_after_backward(False)
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(self.options.reshard_after_forward)  # as set up (root included)
+                unit.set_reshard_after_backward(True)
+
+    def _on_all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
+        return all_ranks_true(flag)
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(self._module, options=self._options())
+
+    def state_dict(self) -> dict:
+        """Collective: every rank calls it; rank 0 receives the full state (the others an empty one)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        return {"model": get_model_state_dict(self._module, options=self._options()),
+                "optimizer": get_optimizer_state_dict(self._module, self.optimizer, options=self._options())}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self._module, state["model"], options=options)
+        set_optimizer_state_dict(self._module, self.optimizer, state["optimizer"], options=options)
