@@ -64,3 +64,13 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A FaultProxy in front of the moto server, with AWS_ENDPOINT_URL pointing at it for the test (restored after).
+    Ask for ``s3_bucket`` before it if the bucket should be made without going through the proxy."""
+    from tests.fault_proxy import FaultProxy
+
+    with FaultProxy(s3_server) as proxy:
+        yield proxy

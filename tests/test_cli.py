@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from models import TarFlow, TarFlowConfig
-from trainer.checkpoint import load_checkpoint_file
+from tests.checkpoint_helpers import model_state
 from trainer.cli import main
 from trainer.config import from_yaml_text
 
@@ -38,10 +39,9 @@ def test_sample_writes_grids_and_arrays(checkpoint, tmp_path):
     grid = np.asarray(Image.open(out / "g1.5.png"))
     assert grid.shape[0] > 8 and grid.dtype == np.uint8
     # The same checkpoint and seed give the same samples as the model API.
-    state = load_checkpoint_file(checkpoint["checkpoint"])
-    cfg = from_yaml_text(state["config_yaml"])
+    cfg = from_yaml_text((Path(checkpoint["run_dir"]) / "config.yaml").read_text())
     model = TarFlow(cfg.model)
-    model.load_state_dict(state["strategy"]["model"])
+    model.load_state_dict(model_state(checkpoint["checkpoint"]))
     noise = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(0))
     expected = model.reverse(noise, torch.tensor([3, 7] * 3), guidance=1.5, annealed_guidance=True)
     torch.testing.assert_close(torch.from_numpy(arrays["g1.5"]), expected, rtol=0, atol=0, equal_nan=True)
@@ -88,11 +88,38 @@ def test_import_with_a_mismatching_config_names_the_key(golden, tmp_path, capsys
 
 
 def test_truncated_checkpoint_is_a_clear_error(checkpoint, tmp_path, capsys):
-    broken = tmp_path / "broken.pt"
-    with open(checkpoint["checkpoint"], "rb") as f:
-        broken.write_bytes(f.read()[:5000])
+    import shutil
+    broken = tmp_path / "ck" / "step-00000012"
+    shutil.copytree(checkpoint["checkpoint"], broken)
+    data = (broken / "model_optimizer.pt").read_bytes()
+    (broken / "model_optimizer.pt").write_bytes(data[:5000])
     assert main(["eval", str(broken)]) == 2
+    assert "does not verify" in capsys.readouterr().err
+    assert main(["ckpt", "verify", str(tmp_path / "ck")]) == 1
+    out = capsys.readouterr().out
+    assert "step 12: FAILED" in out and "model_optimizer.pt has 5000 bytes, the manifest says" in out
+    one_file = tmp_path / "broken.pt"
+    one_file.write_bytes(data[:5000])
+    assert main(["eval", str(one_file)]) == 2
     assert "is unreadable" in capsys.readouterr().err
+
+
+def test_ckpt_ls_verify_and_export(checkpoint, tmp_path, capsys):
+    root = str(Path(checkpoint["checkpoint"]).parent)
+    assert main(["ckpt", "ls", root]) == 0
+    out = capsys.readouterr().out
+    assert "step        12  complete    single      1 ranks" in out
+    assert main(["ckpt", "verify", root]) == 0
+    assert "step 12: ok" in capsys.readouterr().out
+    assert main(["ckpt", "export", root, "--out", str(tmp_path / "model.pt")]) == 0
+    exported = torch.load(tmp_path / "model.pt", weights_only=True)
+    expected = model_state(checkpoint["checkpoint"])
+    assert exported["step"] == 12 and all(torch.equal(exported["model"][k], v) for k, v in expected.items())
+    # The export evaluates like the checkpoint and converts to the reference's format.
+    assert main(["eval", str(tmp_path / "model.pt"), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["bits_per_dim"] == pytest.approx(checkpoint["final_bits_per_dim"], rel=1e-12)
+    assert main(["ckpt", "export-reference", str(tmp_path / "model.pt"), "--out", str(tmp_path / "ref.pth")]) == 0
 
 
 def test_console_script_is_installed():

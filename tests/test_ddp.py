@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cluster.env import ProcessEnv
-from trainer.checkpoint import CheckpointManager, load_checkpoint_file
+from tests.checkpoint_helpers import model_state
 from trainer.config import load_config
 from trainer.loop import train
 
@@ -104,21 +104,22 @@ def test_two_rank_training_resumes_bitwise_and_evaluates_the_whole_heldout_split
     # A crash right after the step-8 checkpoint: a new run directory holding only that checkpoint.
     crashed = tmp_path / "crashed"
     (crashed / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "checkpoints" / "step-00000008.pt", crashed / "checkpoints")
+    shutil.copytree(straight / "checkpoints" / "step-00000008", crashed / "checkpoints" / "step-00000008")
     result = torchrun(["-m", "trainer.cli", "train", f"train.run_dir={crashed}", *overrides])
     assert "resumed from step 8" in result.stdout
-    a = load_checkpoint_file(straight / "checkpoints" / "step-00000012.pt")
-    b = load_checkpoint_file(crashed / "checkpoints" / "step-00000012.pt")
-    for key, value in a["strategy"]["model"].items():
-        assert torch.equal(value, b["strategy"]["model"][key]), key
-    assert len(a["run"]["rng"]) == 2 and not torch.equal(a["run"]["rng"][0]["torch"], a["run"]["rng"][1]["torch"])
+    a = model_state(straight / "checkpoints" / "step-00000012")
+    b = model_state(crashed / "checkpoints" / "step-00000012")
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    run = torch.load(straight / "checkpoints" / "step-00000012" / "run_state.pt", weights_only=True)["run"]
+    assert len(run["rng"]) == 2 and not torch.equal(run["rng"][0]["torch"], run["rng"][1]["torch"])
     # The held-out bits/dim of the 2-rank run covers all 180 images, and one process evaluating the checkpoint
     # agrees up to the dequantisation noise, which is drawn per rank (each rank its own generator).
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval/images"] for r in records if "eval/images" in r] == [180, 180]
     summary = json.loads((straight / "summary.json").read_text())
     single = subprocess.run([sys.executable, "-m", "trainer.cli", "eval", str(straight / "checkpoints" /
-                             "step-00000012.pt"), "--device", "cpu"], cwd=REPO, capture_output=True, text=True)
+                             "step-00000012"), "--device", "cpu"], cwd=REPO, capture_output=True, text=True)
     report = json.loads(single.stdout.strip().splitlines()[-1])
     assert report["images"] == 180
     assert report["bits_per_dim"] == pytest.approx(summary["final_bits_per_dim"], rel=1e-4)
@@ -141,8 +142,8 @@ def test_two_nodes_of_one_process_train_exactly_like_one_node_of_two(tmp_path):
     overrides = [*TINY, "train.strategy=ddp", "train.steps=6", "eval.at_start=false"]
     torchrun(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'one_node'}", *overrides])
     two_agents(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'two_nodes'}", *overrides])
-    a = load_checkpoint_file(tmp_path / "one_node" / "checkpoints" / "step-00000006.pt")["strategy"]["model"]
-    b = load_checkpoint_file(tmp_path / "two_nodes" / "checkpoints" / "step-00000006.pt")["strategy"]["model"]
+    a = model_state(tmp_path / "one_node" / "checkpoints" / "step-00000006")
+    b = model_state(tmp_path / "two_nodes" / "checkpoints" / "step-00000006")
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

@@ -8,7 +8,7 @@ import torch
 
 import trainer.strategies.single as strategy_module
 from models import TarFlow
-from trainer.checkpoint import CheckpointManager, load_checkpoint_file
+from tests.checkpoint_helpers import steps, strategy_state
 from trainer.config import load_config
 from trainer.loop import NonFiniteLossError, train
 
@@ -44,12 +44,15 @@ def test_run_directory_holds_config_metrics_samples_and_checkpoints(trained_run)
     assert evals[0]["eval/bits_per_dim"] == pytest.approx(trained_run.initial_bits_per_dim)
     assert evals[-1]["eval/bits_per_dim"] == pytest.approx(trained_run.final_bits_per_dim)
     assert {"train/bits_per_dim", "train/prior", "train/logdet", "train/lr", "train/grad_norm",
-            "train/images_per_second", "train/tokens_per_second"} <= set(records[-2])
+            "train/images_per_second", "train/tokens_per_second"} <= set([r for r in records if "train/loss" in r][-1])
+    saves = [r for r in records if "checkpoint/save_seconds" in r]
+    assert [r["step"] for r in saves] == [20, 40, 60]
+    assert all(0 < r["checkpoint/blocked_seconds"] <= r["checkpoint/save_seconds"] for r in saves)
     assert records[0]["model/parameters"] > 0 and records[0]["model/train_flops_per_image"] > 0
     names = {p.name for p in (run_dir / "samples").iterdir()}
     assert {"final_g0.png", "final_g1.png", "final_g0_denoised.png", "final_g1_denoised.png",
             "final_samples.npz"} <= names
-    assert CheckpointManager(run_dir / "checkpoints").steps() == [40, 60]  # keep=2 of 20, 40, 60
+    assert steps(run_dir / "checkpoints") == [40, 60]  # keep=2 of 20, 40, 60
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_bits_per_dim"] == trained_run.final_bits_per_dim
 
@@ -81,7 +84,7 @@ def crash_after(monkeypatch, calls: int):
 
 
 def final_state(run_dir: Path, step: int) -> dict:
-    return load_checkpoint_file(CheckpointManager(run_dir / "checkpoints").path_for(step))["strategy"]
+    return strategy_state(run_dir / "checkpoints" / f"step-{step:08d}")
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
@@ -92,7 +95,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run_bitwise(tmp_path,
     with pytest.raises(Crash):
         train(tiny_config(tmp_path / "crashed", *extra))
     monkeypatch.undo()
-    assert CheckpointManager(tmp_path / "crashed" / "checkpoints").steps() == [8]
+    assert steps(tmp_path / "crashed" / "checkpoints") == [8]
     result = train(tiny_config(tmp_path / "crashed", *extra))  # resume=auto
     assert result.step == 24
 
@@ -124,7 +127,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     nan_loss_on(monkeypatch, {7, 8, 13})
     result = train(tiny_config(tmp_path, "train.steps=10", "checkpoint.every=0", "eval.at_start=false"))
     assert result.nonfinite_steps == 2
-    state = load_checkpoint_file(result.checkpoint)["strategy"]
+    state = strategy_state(result.checkpoint)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     steps_taken = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert steps_taken == {8}  # 10 steps, 2 skipped: the optimizer never saw a NaN gradient
@@ -135,9 +138,8 @@ def test_a_run_that_keeps_producing_nans_stops_without_a_poisoned_checkpoint(tmp
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps had a NaN/Inf loss"):
         train(tiny_config(tmp_path, "train.steps=40", "checkpoint.every=5", "train.max_nonfinite_steps=3",
                           "eval.at_start=false"))
-    manager = CheckpointManager(tmp_path / "checkpoints")
-    assert manager.steps() == [5, 10]
-    state = manager.load_latest()["strategy"]
+    assert steps(tmp_path / "checkpoints") == [5, 10]
+    state = strategy_state(tmp_path / "checkpoints")
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -163,8 +165,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     losses = lambda d: [r["train/loss"] for r in lines(d) if "train/loss" in r]  # noqa: E731
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
     assert lines(tmp_path / "two")[0]["train/accumulation_steps"] == 2
-    a = load_checkpoint_file(one.checkpoint)["strategy"]["model"]
-    b = load_checkpoint_file(two.checkpoint)["strategy"]["model"]
+    a = strategy_state(one.checkpoint)["model"]
+    b = strategy_state(two.checkpoint)["model"]
     for key in a:  # summation order differs; AdamW turns that into at most ~lr-sized differences
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
 

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
+from cluster.launch_cli import add_launch_parser
 from data_pipeline.storage import DataSourceError
 from models import TarFlow
 
-from .checkpoint import FORMAT_VERSION, CheckpointError, atomic_torch_save, load_checkpoint_file
-from .config import ConfigError, config_hash, from_yaml_text, load_config, to_yaml
+from .checkpoint import FORMAT_VERSION, CheckpointError, atomic_torch_save
+from .config import ConfigError, config_hash, load_config, to_yaml
+from .stores import StoreError
 
 
 def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -23,12 +25,13 @@ def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]
     return None, args
 
 
-def _load_model(path: str, device: torch.device) -> tuple[TarFlow, "object"]:
-    state = load_checkpoint_file(path)
-    cfg = from_yaml_text(state["config_yaml"])
+def _load_model(uri: str, device: torch.device) -> tuple[TarFlow, "object"]:
+    """A checkpoint (any strategy's), a checkpoint root (its newest) or a one-file export."""
+    from .checkpoint.export import consolidated_model
+
+    state, cfg, _ = consolidated_model(uri)
     model = TarFlow(cfg.model)
-    model_state = state["strategy"]["model"] if "strategy" in state else state["model"]
-    model.load_state_dict(model_state)
+    model.load_state_dict(state)
     return model.to(device).eval(), cfg
 
 
@@ -38,6 +41,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.rest)
     cfg = load_config(config_path, overrides)
     result = train(cfg)
+    if result.preempted:
+        print(f"stopped at step {result.step} ({result.preempted}); checkpoint {result.checkpoint}; exit code "
+              f"{cfg.preemption.exit_code} asks the scheduler to requeue", flush=True)
+        return cfg.preemption.exit_code
     if result.sample_grids:  # the rank that wrote the outputs reports them
         start = "n/a" if result.initial_bits_per_dim is None else f"{result.initial_bits_per_dim:.4f}"
         print(f"done: step {result.step}, held-out bits/dim {start} → {result.final_bits_per_dim:.4f}; "
@@ -104,6 +111,44 @@ def cmd_export_reference(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(model.reference_state_dict(), out)
+    print(out)
+    return 0
+
+
+def cmd_ckpt_ls(args: argparse.Namespace) -> int:
+    from .checkpoint.export import listing
+
+    rows = listing(args.uri)
+    if not rows:
+        print(f"no checkpoints under {args.uri}")
+    for r in rows:
+        if r["complete"]:
+            print(f"step {r['step']:>9}  complete    {r['strategy']:<9} {r['world_size']:>3} ranks  {r['files']:>4} files "
+                  f"{r['bytes'] / 2**20:>10.1f} MiB  config {r['config_hash']}")
+        else:
+            print(f"step {r['step']:>9}  INCOMPLETE  (no manifest: an interrupted save or deletion; never resumed)")
+    return 0
+
+
+def cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    from .checkpoint.export import verify
+
+    bad = 0
+    for step, problem in verify(args.uri):
+        print(f"step {step}: {'ok' if problem is None else 'FAILED: ' + problem}")
+        bad += problem is not None
+    return 1 if bad else 0
+
+
+def cmd_ckpt_export(args: argparse.Namespace) -> int:
+    from .checkpoint.export import consolidated_model
+
+    state, cfg, step = consolidated_model(args.uri)
+    TarFlow(cfg.model).load_state_dict(state)  # it must load into the model its config describes
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"format": FORMAT_VERSION, "step": step, "model": state, "config_yaml": to_yaml(cfg),
+                       "config_hash": config_hash(cfg)}, out)
     print(out)
     return 0
 
@@ -175,18 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split-seed", type=int, default=0)
     q.set_defaults(func=cmd_data_write)
 
-    p = sub.add_parser("ckpt", help="convert checkpoints from and to the official code")
+    p = sub.add_parser("ckpt", help="list, verify and export checkpoints; convert from and to the official code")
     csub = p.add_subparsers(dest="ckpt_command", required=True)
+    q = csub.add_parser("ls", help="the checkpoints under a root (directory or s3://bucket/prefix)")
+    q.add_argument("uri")
+    q.set_defaults(func=cmd_ckpt_ls)
+    q = csub.add_parser("verify", help="check every file of a checkpoint (or of all under a root) against its "
+                                       "manifest: presence, size, sha256")
+    q.add_argument("uri")
+    q.set_defaults(func=cmd_ckpt_verify)
+    q = csub.add_parser("export", help="any strategy's checkpoint → one consolidated model file")
+    q.add_argument("uri", help="…/step-NNNNNNNN, or a root (its newest checkpoint)")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_ckpt_export)
     q = csub.add_parser("import-reference", help="official .pth → tarflow checkpoint")
     q.add_argument("file")
     q.add_argument("--config", help="YAML config whose model section matches the file")
     q.add_argument("--out", required=True)
     q.add_argument("overrides", nargs="*", metavar="key=value")
     q.set_defaults(func=cmd_import_reference)
-    q = csub.add_parser("export-reference", help="tarflow checkpoint → .pth the official code loads strictly")
+    q = csub.add_parser("export-reference", help="tarflow checkpoint or export → .pth the official code loads "
+                                                 "strictly")
     q.add_argument("checkpoint")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_export_reference)
+    add_launch_parser(sub)
     return parser
 
 
@@ -194,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, ValueError, DataSourceError) as e:
+    except (ConfigError, CheckpointError, ValueError, DataSourceError, StoreError, ImportError) as e:
         print(f"tarflow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

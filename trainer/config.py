@@ -18,6 +18,7 @@ from typing import Any, List, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cluster.slurm import PREEMPTION_EXIT_CODE
 from data_pipeline.config import DataConfig
 from models import TarFlowConfig
 
@@ -64,7 +65,7 @@ class TrainConfig:
     activation_checkpointing: int = 0  # recompute every k-th transformer layer in backward (1: all; 0: off)
     compile: bool = False    # torch.compile each transformer layer (first steps slower while it compiles)
     max_nonfinite_steps: int = 10  # consecutive skipped (NaN/Inf) steps before the run stops
-    resume: str = "auto"     # auto (newest checkpoint in run_dir, if any) | never | path to a checkpoint
+    resume: str = "auto"     # auto (newest complete checkpoint, if any) | never | a checkpoint's URI (…/step-NNNNNNNN)
 
 
 @dataclass
@@ -119,7 +120,19 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 250   # steps between checkpoints (one is always written at the end)
-    keep: int = 2      # newest checkpoints kept in run_dir/checkpoints
+    uri: str = ""      # a directory or s3://bucket/prefix; "": run_dir/checkpoints (credentials: the AWS chain only)
+    keep: int = 2      # newest complete checkpoints kept (at least 2)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    async_upload: bool = True  # upload in the background while training goes on (the next save waits for it)
+
+
+@dataclass
+class PreemptionConfig:
+    """A signal or the wall-clock budget → save at the next step boundary, wait for the upload, exit."""
+
+    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    exit_code: int = PREEMPTION_EXIT_CODE  # 75, EX_TEMPFAIL: "try again"; cluster launchers requeue on it
+    time_limit_minutes: float = 0.0  # stop as if preempted after this much wall-clock time (0: no limit)
 
 
 @dataclass
@@ -135,6 +148,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
 
 NOISE_KINDS = ("uniform", "gaussian")
@@ -244,7 +258,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
     _require(cfg.sample.num >= 1, "sample.num", f"must be >= 1, got {cfg.sample.num}")
     _require(cfg.sample.attn_temp > 0, "sample.attn_temp", f"must be > 0, got {cfg.sample.attn_temp}")
-    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    _require(cfg.checkpoint.keep >= 2, "checkpoint.keep", f"must be >= 2 (the one before the newest is the fallback "
+             f"when the newest fails verification), got {cfg.checkpoint.keep}")
+    _require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0, got {cfg.checkpoint.keep_every}")
+    _require(0 <= cfg.preemption.exit_code <= 255, "preemption.exit_code",
+             f"must be in [0, 255], got {cfg.preemption.exit_code}")
+    _require(cfg.preemption.time_limit_minutes >= 0, "preemption.time_limit_minutes",
+             f"must be >= 0, got {cfg.preemption.time_limit_minutes}")
     _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
              f"must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
 
@@ -257,6 +277,12 @@ def to_yaml(cfg: Config) -> str:
 def config_hash(cfg: Config) -> str:
     """Identity of the resolved config, stored with checkpoints."""
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def model_differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
+    """``model.*`` keys whose values differ: a checkpoint of one model cannot be resumed as another."""
+    left, right = dataclasses.asdict(a.model), dataclasses.asdict(b.model)
+    return {f"model.{k}": (left[k], right[k]) for k in left if left[k] != right[k]}
 
 
 def from_yaml_text(text: str) -> Config:

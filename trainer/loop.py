@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,21 +20,26 @@ from data_pipeline import build_loader, dataset_info
 from models import TarFlow, num_parameters
 
 from .activation_checkpointing import apply_activation_checkpointing, compile_layers
-from .checkpoint import CheckpointManager, atomic_write_text
-from .config import Config, config_hash, to_yaml, validate
+from .checkpoint.export import RUN_FILE
+from .checkpoint import (CheckpointError, CheckpointManager, Manifest, Ranks, atomic_write_text, parse_step,
+                         step_name)
+from .config import Config, config_hash, from_yaml_text, model_differences, to_yaml, validate
 from .distributed import all_reduce_sum, barrier, gather_objects, process_group
 from .evaluate import heldout_bits_per_dim
 from .flops import default_peak_flops, flops_per_image, mfu
 from .metric_sinks import ConsoleSink, JsonlSink, MetricLogger, WandbSink
 from .noise import corrupt, denoise_std, drop_labels
 from .optim import build_schedule
+from .preemption import PreemptionGuard
 from .run_state import RunState, capture_rng, restore_rng, seed_everything
 from .runtime import resolve_device, resolve_precision
 from .sampling import SampleResult, fixed_noise_and_labels, generate, sample_config_guidances, save_grids
+from .stores import open_store
 from .strategies import DISTRIBUTED, check_strategy_config, strategy_from_config
 
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 LOG_BIN = math.log(128.0)
+PREEMPTED_FILE = "preempted.json"  # in run_dir after a run stopped early by a signal or its time limit
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,10 +52,11 @@ class TrainResult:
     step: int
     initial_bits_per_dim: float | None
     final_bits_per_dim: float
-    checkpoint: Path
+    checkpoint: str  # the last checkpoint's URI
     sample_grids: list[Path]
     nonfinite_steps: int
     seconds: float
+    preempted: str | None = None  # why the run stopped early (a signal, the time limit), or None
 
 
 def loss_to_bits_per_dim(loss_nats: float) -> float:
@@ -80,13 +88,17 @@ class Trainer:
         self.device = device
         self.precision = resolve_precision(t.precision, self.device, t.noise)
         self.run_dir = Path(t.run_dir)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        c = cfg.checkpoint
+        self.checkpoints = CheckpointManager(
+            open_store(c.uri or str(self.run_dir / "checkpoints")), self.run_dir / ".checkpoint-staging",
+            Ranks.current(env.local_rank), keep=c.keep, keep_every=c.keep_every, async_upload=c.async_upload)
         if t.resume == "never" and self.checkpoints.steps():
-            raise ValueError(f"train.resume=never but {self.checkpoints.directory} already holds checkpoints; choose "
-                             f"a new train.run_dir or resume=auto (refusing to overwrite them)")
+            raise ValueError(f"train.resume=never but {self.checkpoints} already holds checkpoints; choose "
+                             f"a new train.run_dir (or checkpoint.uri) or resume=auto (refusing to overwrite them)")
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            (self.run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # this attempt's outcome is not known yet
 
         seed_everything(t.seed)  # the same initial model on every rank
         nodes = self.world_size // env.local_world_size
@@ -117,12 +129,29 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def _resume(self) -> None:
-        saved = self.checkpoints.resume(self.cfg.train.resume)
-        if saved is None:
+        restored = self._find_checkpoint()
+        if restored is None:
             return
-        if saved.get("config_hash") != config_hash(self.cfg):
-            print(f"note: resuming from a checkpoint written with a different config (step {saved['step']})")
-        self.strategy.load_state_dict(saved["strategy"])
+        manifest, directory = restored
+        where = self.checkpoints if self.cfg.train.resume == "auto" else self.cfg.train.resume
+        if manifest.checkpoint_format != self.strategy.checkpoint_format:
+            raise CheckpointError(f"the checkpoint at step {manifest.step} in {where} was written by "
+                                  f"train.strategy={manifest.strategy} ({manifest.checkpoint_format} format), which "
+                                  f"train.strategy={self.cfg.train.strategy} cannot resume; resume with "
+                                  f"train.strategy={manifest.strategy}")
+        if manifest.checkpoint_format == "deepspeed" and manifest.world_size != self.world_size:
+            raise CheckpointError(f"the DeepSpeed checkpoint at step {manifest.step} in {where} was written by "
+                                  f"{manifest.world_size} ranks and resumes only on as many (this run has "
+                                  f"{self.world_size}); FSDP checkpoints reshard")
+        saved = torch.load(directory / RUN_FILE, map_location="cpu", weights_only=True)
+        differences = model_differences(from_yaml_text(saved["config_yaml"]), self.cfg)
+        if differences:
+            raise CheckpointError(f"the checkpoint at step {manifest.step} in {where} is of a different model: "
+                                  + ", ".join(f"{k} = {a!r} there, {b!r} here" for k, (a, b) in differences.items()))
+        if saved["config_hash"] != config_hash(self.cfg) and self.env.is_main:
+            print(f"note: resuming from a checkpoint written with a different (compatible) config "
+                  f"(step {manifest.step})")
+        self.strategy.load_state(directory)
         self.state = RunState.from_dict(saved["run"])
         self.train_loader.load_state_dict(self.state.loader)
         self.window.load_state_dict(self.state.metric_window)
@@ -131,10 +160,33 @@ class Trainer:
             restore_rng(self.state.rng[self.rank], self.device)
         else:  # a different number of ranks: the data position is kept, the noise streams start afresh
             seed_everything(self.cfg.train.seed + self.rank + 7919 * self.state.step)
-            print(f"note: the checkpoint has RNG states of {len(self.state.rng)} ranks, this run has "
-                  f"{self.world_size}; noise is re-seeded")
+            if self.env.is_main:
+                print(f"note: the checkpoint has RNG states of {len(self.state.rng)} ranks, this run has "
+                      f"{self.world_size}; noise is re-seeded")
+        barrier()
+        if self.env.local_rank == 0:
+            shutil.rmtree(directory, ignore_errors=True)
         if self.env.is_main:
-            print(f"resumed from step {self.state.step} ({self.checkpoints.directory})")
+            print(f"resumed from step {self.state.step} ({where})")
+
+    def _find_checkpoint(self) -> tuple[Manifest, Path] | None:
+        """``auto``: the newest complete checkpoint that verifies; ``never``: none; else the one the URI names."""
+        resume, cache = self.cfg.train.resume, self.run_dir / ".checkpoint-cache"
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.checkpoints.restore_latest(cache)
+        parent, _, name = resume.rstrip("/").rpartition("/")
+        step = parse_step(name)
+        if step is None:
+            raise CheckpointError(f"train.resume={resume!r}: expected auto, never, or a checkpoint's URI ending in "
+                                  f"step-NNNNNNNN")
+        explicit = CheckpointManager(open_store(parent or "."), self.run_dir / ".checkpoint-staging",
+                                     self.checkpoints.ranks)
+        restored = explicit.restore(step, cache)
+        if restored is None:
+            raise CheckpointError(f"train.resume={resume!r} cannot be restored (see the warning above)")
+        return restored
 
     def _build_logger(self) -> MetricLogger:
         cfg = self.cfg
@@ -153,6 +205,8 @@ class Trainer:
     def run(self) -> TrainResult:
         started = time.perf_counter()
         cfg, state = self.cfg, self.state
+        guard = PreemptionGuard(cfg.preemption.signals, 60.0 * cfg.preemption.time_limit_minutes)
+        final_bpd, grids, stopped = None, [], None
         try:
             self.logger.log(state.step, {"model/parameters": num_parameters(self.model),
                                          "model/train_flops_per_image": self.flops.train,
@@ -163,16 +217,31 @@ class Trainer:
             while state.step < cfg.train.steps:
                 lr = self.train_step(batches)
                 self._after_step(lr)
-            final_bpd = self.evaluate()
-            grids = self.sample("final_")
+                stopped = guard.requested(self.device)
+                if stopped:
+                    if self.env.is_main:
+                        print(f"stopping at step {state.step}: {stopped}; saving a checkpoint", flush=True)
+                    break
+            if not stopped:
+                final_bpd = self.evaluate()
+                grids = self.sample("final_")
             if self._last_saved_step != state.step:
                 self.save_checkpoint()
+            self._finish_save(required=True)
         finally:
+            self.checkpoints.wait()  # never leave while an upload is in flight
+            guard.close()
             self.logger.close()
         result = TrainResult(run_dir=self.run_dir, step=state.step, initial_bits_per_dim=state.initial_bits_per_dim,
-                             final_bits_per_dim=final_bpd, checkpoint=self.checkpoints.path_for(state.step),
+                             final_bits_per_dim=final_bpd, checkpoint=self.checkpoints.store.uri_for(
+                                 step_name(self._last_saved_step)),
                              sample_grids=grids, nonfinite_steps=state.nonfinite_total,
-                             seconds=time.perf_counter() - started)
+                             seconds=time.perf_counter() - started, preempted=stopped)
+        if self.env.is_main and stopped:
+            # torchrun exits 1 whatever its workers' codes, so launchers also look for this file to requeue.
+            atomic_write_text(self.run_dir / PREEMPTED_FILE, json.dumps(
+                {"step": state.step, "reason": stopped, "checkpoint": result.checkpoint,
+                 "exit_code": cfg.preemption.exit_code}) + "\n")
         if self.env.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(
                 {k: str(v) if isinstance(v, Path) else ([str(p) for p in v] if isinstance(v, list) else v)
@@ -210,7 +279,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"{state.nonfinite_consecutive} consecutive steps had a NaN/Inf loss or gradient (step {state.step}); "
                 f"stopping without a checkpoint. Lower optim.lr, enable optim.grad_clip, or check the data. "
-                f"The last good checkpoint is in {self.checkpoints.directory}.")
+                f"The last good checkpoint is in {self.checkpoints}.")
         return lr
 
     def _after_step(self, lr: float) -> None:
@@ -268,18 +337,42 @@ class Trainer:
         return save_grids(result, self.run_dir / "samples", prefix, self.sample_labels)
 
     def save_checkpoint(self) -> None:
-        """Every rank contributes its RNG state; rank 0 writes (the loader position and the replicated model and
-        optimizer are the same everywhere); no rank goes on before the checkpoint is complete."""
+        """Collective. Every rank contributes its RNG state and writes its part of the strategy's state; rank 0
+        also the run state. Training waits only for the staging; upload and commit go on in the background."""
+        self._finish_save(required=False)  # the previous save: report it before starting the next
         state = self.state
         state.loader = self.train_loader.state_dict()
         state.rng = gather_objects(capture_rng(self.device))
         state.metric_window = self.window.state_dict()
-        strategy_state = self.strategy.state_dict()  # collective for sharded strategies
-        if self.env.is_main:
-            self.checkpoints.save(state.step, {"strategy": strategy_state, "run": state.to_dict(),
-                                               "config_yaml": to_yaml(self.cfg), "config_hash": config_hash(self.cfg)})
+        run = {"run": state.to_dict(), "config_yaml": to_yaml(self.cfg), "config_hash": config_hash(self.cfg)}
+        manifest = Manifest(step=state.step, strategy=self.cfg.train.strategy,
+                            checkpoint_format=self.strategy.checkpoint_format, world_size=self.world_size,
+                            config_hash=run["config_hash"])
+
+        def write(directory: Path) -> None:
+            self.strategy.save_state(directory)
+            if self.env.is_main:
+                torch.save(run, directory / RUN_FILE)
+
+        blocked = self.checkpoints.save(state.step, write, manifest)
+        self.logger.log(state.step, {"checkpoint/blocked_seconds": blocked})
         self._last_saved_step = state.step
-        barrier()
+
+    def _finish_save(self, required: bool) -> None:
+        """Wait for the save in flight and report it; a failed save is a warning mid-run (the previous checkpoint
+        is intact and training goes on), an error when it was the last one (``required``)."""
+        result = self.checkpoints.wait()
+        if result is None or result.reported:
+            return
+        result.reported = True
+        if result.committed:
+            self.logger.log(result.step, {"checkpoint/save_seconds": result.total_seconds,
+                                          "checkpoint/blocked_seconds": result.blocked_seconds})
+            return
+        if required:
+            raise CheckpointError(result.error)
+        warnings.warn(f"{result.error}; training goes on, the previous checkpoint is intact", stacklevel=2)
+        self.logger.log(self.state.step, {"checkpoint/failed_step": result.step})
 
 
 def check_launch(cfg: Config, env: ProcessEnv) -> None:

@@ -14,6 +14,8 @@ from .single import SingleDevice
 
 STRATEGIES = {"single": SingleDevice, "ddp": DistributedDataParallel, "fsdp": FullyShardedDataParallel,
               "deepspeed": DeepSpeedZeRO}
+# Which class reads each checkpoint format (single and DDP share one).
+CHECKPOINT_FORMATS = {cls.checkpoint_format: cls for cls in (SingleDevice, FullyShardedDataParallel, DeepSpeedZeRO)}
 DISTRIBUTED = {"ddp", "fsdp", "deepspeed"}  # strategies that run one process per device (torchrun, deepspeed)
 
 
@@ -49,5 +51,5 @@ def check_strategy_config(cfg: Config, world_size: int) -> None:
         build_deepspeed_config(cfg, world_size, bf16=False)
 
 
-__all__ = ["STRATEGIES", "DISTRIBUTED", "Strategy", "StepResult", "build_strategy", "strategy_from_config", "check_strategy_config", "SingleDevice",
+__all__ = ["STRATEGIES", "CHECKPOINT_FORMATS", "DISTRIBUTED", "Strategy", "StepResult", "build_strategy", "strategy_from_config", "check_strategy_config", "SingleDevice",
            "DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedZeRO"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -73,8 +74,19 @@ class Strategy(ABC):
                         if torch.is_tensor(v) and v.dim() > 0)
         return 2 * params + optimizer
 
-    @abstractmethod
-    def state_dict(self) -> dict: ...
+    # ---------------------------------------------------------------- checkpoints (each strategy its own format)
+    checkpoint_format: str = "torch"  # checkpoints of the same format load into one another
 
     @abstractmethod
-    def load_state_dict(self, state: dict) -> None: ...
+    def save_state(self, directory: Path) -> None:
+        """Collective: write this rank's part of the model and optimizer state as files under ``directory`` (a
+        local, per-rank staging directory; the union of all ranks' files is the checkpoint)."""
+
+    @abstractmethod
+    def load_state(self, directory: Path) -> None:
+        """Collective: restore model and optimizer from a local directory holding the whole checkpoint."""
+
+    @classmethod
+    @abstractmethod
+    def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 state dict from a checkpoint directory of this format, in one process."""

@@ -5,6 +5,7 @@ learning rate, so the mathematics is the other strategies'."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -126,8 +127,28 @@ class DeepSpeedZeRO(Strategy):
                     if torch.is_tensor(v) and v.dim() > 0)
         return held
 
-    def state_dict(self) -> dict:
-        raise NotImplementedError("DeepSpeed checkpoints are the engine's own (save_state)")
+    # The engine's own format: model states by rank 0 (stage 3: every rank its partition), optimizer partitions by
+    # every rank. It resumes on the same number of ranks; export consolidates it in one process.
+    checkpoint_format = "deepspeed"
+    TAG = "deepspeed"
+    BUFFERS = "buffers.pt"  # the prior's variance: a buffer, which zero_to_fp32 does not export
 
-    def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError("DeepSpeed checkpoints are the engine's own (load_state)")
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
+        if self.engine.global_rank == 0:
+            torch.save({k: b.detach().cpu() for k, b in self.engine.module.named_buffers()}, directory / self.BUFFERS)
+
+    def load_state(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{self.TAG}")
+
+    @classmethod
+    def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        require_deepspeed()
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=cls.TAG))
+        state.update(torch.load(directory / cls.BUFFERS, map_location="cpu", weights_only=True))
+        return state

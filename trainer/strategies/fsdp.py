@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -94,6 +95,10 @@ class FullyShardedDataParallel(SingleDevice):
     def _on_all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
         return all_ranks_true(flag)
 
+    # torch.distributed.checkpoint: every rank writes its own shards, rank 0 the metadata; loads into any number of
+    # ranks (resharding), and into one process for export.
+    checkpoint_format = "dcp"
+
     def _options(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -102,15 +107,29 @@ class FullyShardedDataParallel(SingleDevice):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         return get_model_state_dict(self._module, options=self._options())
 
-    def state_dict(self) -> dict:
-        """Collective: every rank calls it; rank 0 receives the full state (the others an empty one)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-        return {"model": get_model_state_dict(self._module, options=self._options()),
-                "optimizer": get_optimizer_state_dict(self._module, self.optimizer, options=self._options())}
+    def save_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self._module, state["model"], options=options)
-        set_optimizer_state_dict(self._module, self.optimizer, state["optimizer"], options=options)
+        model, optimizer = get_state_dict(self._module, self.optimizer)
+        dcp.save({"model": model, "optimizer": optimizer}, storage_writer=dcp.FileSystemWriter(directory))
+
+    def load_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model, optimizer = get_state_dict(self._module, self.optimizer)
+        state = {"model": model, "optimizer": optimizer}
+        dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+        set_state_dict(self._module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    @classmethod
+    def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(directory, Path(tmp) / "full.pt")
+            return torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)["model"]

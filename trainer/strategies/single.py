@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -56,9 +59,19 @@ class SingleDevice(Strategy):
     def _on_all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
         return flag
 
-    def state_dict(self) -> dict:
-        return {"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict()}
+    # One file, written by rank 0 (every rank holds the same replica); loads into any number of ranks.
+    FILE = "model_optimizer.pt"
 
-    def load_state_dict(self, state: dict) -> None:
+    def save_state(self, directory: Path) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save({"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       directory / self.FILE)
+
+    def load_state(self, directory: Path) -> None:
+        state = torch.load(directory / self.FILE, map_location=self.device, weights_only=True)
         self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    @classmethod
+    def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+        return torch.load(directory / cls.FILE, map_location="cpu", weights_only=True)["model"]

@@ -1,0 +1,267 @@
+"""cluster.slurm: the rendered sbatch script, and real jobs on the local slurmctld (cluster/local_slurm/up.sh).
+
+The real jobs are submitted together at the start of the module (they run side by side on the two slurmd "nodes")
+and each test waits for its own. Their trainer is replaced by tiny programs through the spec's `program` (what
+torchrun runs) and `command` (what srun runs instead of torchrun) fields; the batch script around them is the one
+users get.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.env import slurm_master_port
+from cluster.launch_cli import main as launch_main
+from cluster.slurm import PREEMPTION_EXIT_CODE, SlurmJob, render_sbatch, submit, time_limit_seconds
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _spec(tmp_path: Path, **kw) -> SlurmJob:
+    defaults = dict(run_dir=str(tmp_path / "run"), config="configs/digits.yaml", overrides=["train.steps=20"],
+                    nodes=2, gpus_per_node=4, time="2:00:00", signal_grace_s=90, workdir=str(REPO))
+    return SlurmJob(**{**defaults, **kw})
+
+
+# ---------------------------------------------------------------- rendering (no SLURM needed)
+
+def test_rendered_script_is_valid_bash_with_requeue_signal_and_c10d(tmp_path):
+    text = render_sbatch(_spec(tmp_path, partition="gpu", account="ml", cpus_per_task=16,
+                               extra_sbatch=["--qos=high", "#SBATCH --exclusive"]))
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@90", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=16", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=ml", "#SBATCH --qos=high", "#SBATCH --exclusive", "#SBATCH --time=2:00:00",
+                 f"#SBATCH --output={tmp_path}/run/slurm/%j.out", f"#SBATCH --chdir={REPO}",
+                 f"PREEMPTION_EXIT_CODE={PREEMPTION_EXIT_CODE}", "trap on_usr1 USR1"):
+        assert line in text.splitlines(), line
+    step = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert step.endswith(" &")  # in the background, so that the USR1 trap runs while the step does
+    for part in ("--cpus-per-task=16", "-m torch.distributed.run", '--nnodes="$SLURM_NNODES"', "--nproc_per_node=4",
+                 "--rdzv_backend=c10d", '--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT"', '--rdzv_id="$SLURM_JOB_ID"',
+                 f"-m trainer.cli train {REPO}/configs/digits.yaml train.steps=20 train.resume=auto "
+                 f"train.run_dir={tmp_path}/run"):
+        assert part in step, part
+    assert "scontrol requeue" in text and "SIGUSR1" in text  # torchrun must pass USR1 on
+
+
+def test_no_secret_values_in_the_script(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    text = render_sbatch(_spec(tmp_path))
+    assert SECRET not in text and "AKIAIOSFODNN7EXAMPLE" not in text and "AWS_" in text  # only the comment names it
+    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY") as err:  # a secret smuggled in an override
+        render_sbatch(_spec(tmp_path, overrides=[f"data.key={SECRET}"]))
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("text, seconds", [("30", 1800), ("1:30", 90), ("4:00:00", 14400), ("1-12", 129600),
+                                           ("2-00:30", 174600), ("1-00:00:01", 86401)])
+def test_time_limits(text, seconds):
+    assert time_limit_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"time": "soon"}, "not a SLURM time limit"), ({"time": "2", "signal_grace_s": 120}, "leaves no time"),
+    ({"nodes": 0}, "nodes=0"), ({"job_name": "my job"}, "job_name"), ({"nproc_per_node": 0}, "nproc_per_node=0"),
+    ({"extra_sbatch": ["--qos=a\nrm -rf /"]}, "newline"), ({"preemption_exit_code": 143}, "1..125"),
+    ({"run_dir": "s3://bucket/run"}, "must be a directory"),
+])
+def test_bad_specs_are_refused(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _spec(tmp_path, **kw)
+
+
+def test_paths_with_whitespace_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="whitespace"):  # #SBATCH --output takes no quotes
+        render_sbatch(_spec(tmp_path, run_dir=str(tmp_path / "my run")))
+
+
+def test_cli_dry_run_prints_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train:\n  run_dir: {tmp_path}/from_yaml\n  steps: 5\n")
+    assert launch_main(["launch", "slurm", str(config), "train.steps=7", "--nodes", "2", "--gpus-per-node", "8",
+                        "--time", "4:00:00", "--partition", "p", "--signal-grace", "300", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --signal=B:USR1@300" in out and "--nproc_per_node=8" in out
+    assert f"train.steps=7 train.resume=auto train.run_dir={tmp_path}/from_yaml" in out  # run dir from the YAML
+    assert not (tmp_path / "from_yaml").exists()
+    assert launch_main(["launch", "slurm", "preemption.exit_code=99", "--dry-run"]) == 0
+    assert "PREEMPTION_EXIT_CODE=99" in capsys.readouterr().out.splitlines()
+    assert launch_main(["launch", "slurm", "--time", "1", "--dry-run"]) == 2  # grace 120 s > a 1-minute limit
+
+
+# ---------------------------------------------------------------- a real slurmctld
+
+PROBE = """
+from cluster.env import discover
+print("ENV", repr(discover()), flush=True)
+"""
+
+# attempt 1 waits for USR1 and exits with the preemption code, as the trainer does; the requeued attempt finishes
+PREEMPTIBLE = """
+import os, signal, sys, time
+from cluster.env import discover
+env = discover()
+if env.restart_count >= 1:
+    print(f"resumed rank {env.rank} restart {env.restart_count}", flush=True)
+    sys.exit(0)
+def stop(*_):
+    print(f"rank {env.rank} got USR1", flush=True)
+    sys.exit(int(os.environ["TARFLOW_PREEMPTION_EXIT_CODE"]))
+signal.signal(signal.SIGUSR1, stop)
+print(f"ready rank {env.rank}", flush=True)
+time.sleep(120)
+sys.exit(3)
+"""
+
+# the "trainer" of the requeue-logic jobs: srun runs it directly (no torchrun), so its exit code reaches the shell
+ATTEMPT = 'echo "attempt ${SLURM_RESTART_COUNT:-0}"; '
+
+
+def _scontrol(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def _log(sub) -> str:
+    return "".join(p.read_text() for p in (sub.stdout, sub.stderr) if p.exists())
+
+
+def _wait(sub, timeout: float = 150) -> dict[str, str]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        info = _scontrol(sub.job_id)
+        if info.get("JobState") in TERMINAL:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", sub.job_id])
+    pytest.fail(f"job {sub.job_id} did not finish in {timeout:.0f} s: {info}\n{_log(sub)}")
+
+
+def _wait_for_text(sub, text: str, count: int, timeout: float = 90) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if _log(sub).count(text) >= count:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"job {sub.job_id}: {count}× {text!r} not seen in {timeout:.0f} s:\n{_log(sub)}")
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Submit every real job at once; they run side by side (2 nodes × 4 CPU slots) in about 30 s."""
+    if shutil.which("sinfo") is None:
+        pytest.skip("sinfo not found: no SLURM here; bring one up with `bash cluster/local_slurm/up.sh` (as root)")
+    state = subprocess.run(["sinfo", "-h", "-o", "%D %T"], capture_output=True, text=True)
+    assert state.returncode == 0 and state.stdout.strip(), \
+        f"SLURM is installed but not answering ({state.stderr.strip()}): run `bash cluster/local_slurm/up.sh`"
+    nodes = sum(int(n) for n, s in (line.split() for line in state.stdout.splitlines()) if not s.startswith("down"))
+    assert nodes >= 2, f"the 2-node tests need 2 nodes, sinfo says: {state.stdout}"
+
+    base = tmp_path_factory.mktemp("slurm")
+    probe, preemptible = base / "probe.py", base / "preemptible.py"
+    probe.write_text(PROBE)
+    preemptible.write_text(textwrap.dedent(PREEMPTIBLE))
+
+    def go(name: str, **kw):
+        kw = {"run_dir": str(base / name), "time": "3", "signal_grace_s": 30, "workdir": str(REPO),
+              "job_name": f"test-{name}", "python": sys.executable, **kw}
+        return submit(SlurmJob(**kw))
+
+    return {
+        "torchrun_2node": go("torchrun_2node", nodes=2, program=[str(probe)]),
+        "srun_2node": go("srun_2node", nodes=2, command=[sys.executable, str(probe)]),
+        "preempted_once": go("preempted_once", max_restarts=2, command=[
+            "bash", "-c", ATTEMPT + f'[ "${{SLURM_RESTART_COUNT:-0}}" -ge 1 ] && exit 0; exit {PREEMPTION_EXIT_CODE}']),
+        "real_failure": go("real_failure", max_restarts=2, command=["bash", "-c", ATTEMPT + "exit 1"]),
+        "always_preempted": go("always_preempted", max_restarts=1,
+                               command=["bash", "-c", ATTEMPT + f"exit {PREEMPTION_EXIT_CODE}"]),
+        "usr1": go("usr1", program=[str(preemptible)]),
+    }
+
+
+def _attempts(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("attempt ")]
+
+
+def _envs(log: str) -> list[str]:
+    return sorted(line for line in log.splitlines() if line.startswith("ENV "))
+
+
+def test_two_node_job_under_torchrun(jobs):
+    sub = jobs["torchrun_2node"]
+    info = _wait(sub)
+    log = _log(sub)
+    assert info["JobState"] == "COMPLETED", log
+    assert sub.script.read_text() == sub.text and sub.stdout == sub.script.parent / f"{sub.job_id}.out"
+    envs = _envs(log)
+    assert len(envs) == 2, log
+    for rank, line in enumerate(envs):
+        assert f"rank={rank}, world_size=2," in line and f"node_rank={rank}," in line, line
+        assert "num_nodes=2," in line and f"job_id='{sub.job_id}'" in line and "cluster='slurm'" in line, line
+        assert "scheduler='torchrun'" in line
+    masters = {re.search(r"master_addr='([^']*)', master_port=(\d+)", line).groups() for line in envs}
+    assert len(masters) == 1, envs  # both ranks agree where rank 0 listens
+
+
+def test_two_node_job_of_direct_srun_tasks(jobs):
+    sub = jobs["srun_2node"]
+    info = _wait(sub)
+    log = _log(sub)
+    assert info["JobState"] == "COMPLETED", log
+    envs = _envs(log)
+    assert len(envs) == 2, log
+    port = slurm_master_port(sub.job_id)
+    for rank, line in enumerate(envs):
+        assert f"rank={rank}, world_size=2, local_rank=0, local_world_size=1, node_rank={rank}," in line, line
+        assert f"master_addr='node1', master_port={port}," in line and "scheduler='slurm'" in line, line
+
+
+def test_preempted_job_is_requeued_and_then_finishes(jobs):
+    sub = jobs["preempted_once"]
+    info = _wait(sub)
+    log = _log(sub)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), log
+    assert _attempts(log) == ["attempt 0", "attempt 1"] and "requeue 1 of 2" in log
+
+
+def test_real_failure_is_not_requeued(jobs):
+    sub = jobs["real_failure"]
+    info = _wait(sub)
+    log = _log(sub)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "0", "1:0"), log
+    assert "step failed with status 1: not requeued" in log and _attempts(log) == ["attempt 0"]
+
+
+def test_requeues_stop_after_max_restarts(jobs):
+    sub = jobs["always_preempted"]
+    info = _wait(sub)
+    log = _log(sub)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "1", f"{PREEMPTION_EXIT_CODE}:0"), log
+    assert _attempts(log) == ["attempt 0", "attempt 1"], log
+    assert "1 of 1 restarts are used: not requeued" in log
+
+
+def test_usr1_reaches_the_ranks_through_srun_and_torchrun_and_the_job_requeues(jobs):
+    """What `--signal=B:USR1@S` does near the time limit, sent now (the scheduler's own timer is ~30 s coarse)."""
+    sub = jobs["usr1"]
+    _wait_for_text(sub, "ready rank 0", 1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", sub.job_id], check=True)
+    info = _wait(sub)
+    log = _log(sub)
+    assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log
+    assert "rank 0 got USR1" in log and "resumed rank 0 restart 1" in log, log

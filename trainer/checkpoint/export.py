@@ -1,0 +1,88 @@
+"""Reading checkpoints outside training, in one process: find one by URI, verify it, consolidate its model.
+
+A URI names a checkpoint (``…/step-NNNNNNNN``), a checkpoint root (its newest complete checkpoint), or a one-file
+model export (``.pt``)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config import Config, from_yaml_text
+from ..stores import StoreError, open_store
+from .files import CheckpointError, load_checkpoint_file
+from .manager import CheckpointManager, Ranks
+from .manifest import Manifest, parse_step
+
+RUN_FILE = "run_state.pt"  # in every checkpoint, from rank 0: run state and the resolved config
+
+
+def locate(uri: str) -> tuple[CheckpointManager, int]:
+    """The manager of the store holding the checkpoint and its step."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    step = parse_step(name)
+    if step is not None:
+        return _manager(parent or "."), step
+    manager = _manager(uri)
+    steps = manager.steps()
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint (a step-NNNNNNNN/ prefix with a manifest) under {uri}")
+    return manager, steps[-1]
+
+
+def _manager(uri: str) -> CheckpointManager:
+    return CheckpointManager(open_store(uri), Path(tempfile.gettempdir()), Ranks())
+
+
+def consolidated_model(uri: str) -> tuple[dict[str, torch.Tensor], Config, int]:
+    """(the model's full fp32 state dict, the run's config, step) from any strategy's checkpoint or an export."""
+    if Path(uri).is_file():
+        state = load_checkpoint_file(uri)
+        return state["model"], from_yaml_text(state["config_yaml"]), state.get("step", 0)
+    from ..strategies import CHECKPOINT_FORMATS
+
+    manager, step = locate(uri)
+    with tempfile.TemporaryDirectory(prefix="tarflow-ckpt-") as tmp:
+        restored = manager.restore(step, Path(tmp))
+        if restored is None:
+            raise CheckpointError(f"checkpoint step {step} under {manager} does not verify (see the warning)")
+        manifest, directory = restored
+        run = torch.load(directory / RUN_FILE, map_location="cpu", weights_only=True)
+        model = CHECKPOINT_FORMATS[manifest.checkpoint_format].export_model_state(directory)
+        return model, from_yaml_text(run["config_yaml"]), step
+
+
+def listing(uri: str) -> list[dict]:
+    """Every step prefix under a checkpoint root: step, complete or not, files, bytes, strategy, world size."""
+    manager = _manager(uri)
+    rows = []
+    for step, complete in sorted(manager._prefixes().items()):
+        row = {"step": step, "complete": complete}
+        if complete:
+            m: Manifest = manager.manifest(step)
+            row.update(strategy=m.strategy, world_size=m.world_size, files=len(m.files),
+                       bytes=sum(f["size"] for f in m.files.values()), config_hash=m.config_hash)
+        rows.append(row)
+    return rows
+
+
+def verify(uri: str) -> list[tuple[int, str | None]]:
+    """(step, None when it verifies, else why not) for the checkpoint the URI names, or every one under a root."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if parse_step(name) is not None:
+        manager, steps = _manager(parent or "."), [parse_step(name)]
+    else:
+        manager = _manager(uri)
+        steps = manager.steps()
+        if not steps:
+            raise CheckpointError(f"no complete checkpoint under {uri}")
+    results = []
+    for step in steps:
+        try:
+            manager.verify(step, deep=True)
+            results.append((step, None))
+        except (CheckpointError, StoreError) as e:
+            results.append((step, str(e)))
+    return results

@@ -1,0 +1,50 @@
+"""Preemption: a signal (SIGTERM from Kubernetes or torchrun, SIGUSR1 from SLURM's ``--signal``) or the end of a
+wall-clock budget sets a flag; at the next step boundary all ranks agree through one all-reduce, save, wait for the
+upload and exit with a code that tells the scheduler to requeue. Nothing happens inside the signal handler but
+setting the flag, so a second signal during the save changes nothing."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import torch
+
+from .distributed import active
+
+
+class PreemptionGuard:
+    def __init__(self, signals: list[str], time_limit_seconds: float = 0.0):
+        self.reason: str | None = None
+        self.time_limit = time_limit_seconds
+        self.started = time.monotonic()
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread (e.g. tests driving a Trainer)
+        for name in signals:
+            number = getattr(signal, name, None)
+            if not isinstance(number, signal.Signals):
+                raise ValueError(f"preemption.signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+
+    def requested(self, device: torch.device) -> str | None:
+        """Collective: why this run should stop now (on any rank), or None."""
+        if self.reason is None and self.time_limit and time.monotonic() - self.started >= self.time_limit:
+            self.reason = f"time limit of {self.time_limit:.0f} s"
+        if not active():
+            return self.reason
+        flag = torch.tensor([1.0 if self.reason else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.reason is None:
+            self.reason = "another rank was preempted"
+        return self.reason if flag.item() else None
+
+    def close(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
