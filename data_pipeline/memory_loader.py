@@ -161,25 +161,34 @@ class InMemoryLoader:
         """What must match for a saved position to mean the same samples."""
         return {
             "seed": int(self.seed),
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
             "num_samples": self.num_samples,
             "shuffle": int(self.shuffle),
             "drop_last": int(self.drop_last),
         }
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "batches_in_epoch": self._batch, **self._identity()}
+        return {"epoch": self._epoch, "batches_in_epoch": self._batch, **self._identity(),
+                "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = self._identity()
-        missing = [k for k in ("epoch", "batches_in_epoch", *expected) if k not in state]
+        missing = [k for k in ("epoch", "batches_in_epoch", "world_size", "batch_size", *expected) if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {missing}")
         differ = [f"{k}: saved {state[k]}, now {v}" for k, v in expected.items() if int(state[k]) != v]
         if differ:
             raise ValueError("loader state is from a different setup (" + "; ".join(differ) + ")")
         epoch, batch = int(state["epoch"]), int(state["batches_in_epoch"])
+        # Ranks take interleaved positions of the epoch's order, so after b batches of B on each of W ranks exactly
+        # the first b·B·W samples of the epoch are used, whatever W and B were: another number of ranks (or another
+        # micro-batch) continues from the same sample.
+        consumed = batch * int(state["batch_size"]) * int(state["world_size"])
+        per_step = self.batch_size * self.world_size
+        if consumed % per_step:
+            raise ValueError(f"loader state: {consumed} samples of epoch {epoch} were used, which is not a whole "
+                             f"number of steps of {self.batch_size} × {self.world_size} ranks; resume with a "
+                             f"micro-batch × ranks that divides it")
+        batch = consumed // per_step
         if epoch < 0 or not 0 <= batch <= self._batches_per_epoch:
             raise ValueError(
                 f"loader state epoch={epoch} batches_in_epoch={batch} out of range "
