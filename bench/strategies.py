@@ -1,5 +1,5 @@
-"""Training throughput and memory per strategy on this machine's CPU: single process vs DDP and FSDP2 on 2 ranks
-(gloo), as ratios to single, measured in one run.
+"""Training throughput and memory per strategy on this machine's CPU: single process vs DDP, FSDP2 and DeepSpeed
+ZeRO-1/2/3 on 2 ranks (gloo), as ratios to single, measured in one run.
 
     .venv/bin/python bench/strategies.py [--steps 20] [--config configs/digits.yaml]
 
@@ -21,11 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(strategy: str, run_dir: Path, steps: int, config: str, port: int) -> dict:
+def run(case: str, run_dir: Path, steps: int, config: str, port: int) -> dict:
+    strategy, _, stage = case.partition("-zero")  # e.g. "deepspeed-zero3"
     overrides = [config, f"train.run_dir={run_dir}", f"train.steps={steps}", "schedule.warmup_steps=2",
                  "eval.at_start=false", "eval.every=0", "sample.num=2", f"logging.every={steps}",
                  "logging.progress=false", f"train.strategy={strategy}", "checkpoint.every=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if strategy != "single" else "2"}
+    if stage:
+        overrides.append(f"deepspeed.stage={stage}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if strategy != "single" else "2", "DS_ACCELERATOR": "cpu"}
     if strategy == "single":
         cmd = [sys.executable, "-m", "trainer.cli", "train", *overrides]
     else:
@@ -50,14 +53,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--config", default="configs/digits.yaml")
     args = parser.parse_args()
+    cases = ("single", "ddp", "fsdp", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3")
     with tempfile.TemporaryDirectory() as tmp:
-        results = {s: run(s, Path(tmp) / s, args.steps, args.config, 29700 + i)
-                   for i, s in enumerate(("single", "ddp", "fsdp"))}
+        results = {s: run(s, Path(tmp) / s, args.steps, args.config, 29700 + i) for i, s in enumerate(cases)}
     base = results["single"]
     print(f"{args.config}, {args.steps} steps, 2 CPU cores (single: 2 threads; ranks: 1 thread each)")
-    print(f"{'strategy':<10}{'img/s':>10}{'× single':>10}{'peak RSS MB':>13}{'× single':>10}")
+    print(f"{'strategy':<16}{'img/s':>10}{'× single':>10}{'peak RSS MB':>13}{'× single':>10}")
     for name, r in results.items():
-        print(f"{name:<10}{r['images_per_second']:>10.0f}{r['images_per_second'] / base['images_per_second']:>10.2f}"
+        print(f"{name:<16}{r['images_per_second']:>10.0f}{r['images_per_second'] / base['images_per_second']:>10.2f}"
               f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] / base['peak_rss_mb']:>10.2f}")
 
 

@@ -58,6 +58,15 @@ class Seen:
     fault: str | None         # the kind of fault injected, or None
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that goes away mid-request (a killed training process) is normal here, not an error to print."""
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 class FaultProxy:
     def __init__(self, upstream: str):
         url = urlsplit(upstream)
@@ -74,7 +83,7 @@ class FaultProxy:
     # -- lifecycle ---------------------------------------------------------------------------------------------------
 
     def start(self) -> FaultProxy:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server = _QuietServer(("127.0.0.1", 0), _Handler)
         server.daemon_threads = True
         server.proxy = self  # type: ignore[attr-defined]
         self._server = server
