@@ -35,7 +35,7 @@ class PreemptionGuard:
     def requested(self, device: torch.device) -> str | None:
         """Collective: why this run should stop now (on any rank), or None."""
         if self.reason is None and self.time_limit and time.monotonic() - self.started >= self.time_limit:
-            self.reason = f"time limit of {self.time_limit:.0f} s"
+            self.reason = f"time limit of {self.time_limit:g} s"
         if not active():
             return self.reason
         flag = torch.tensor([1.0 if self.reason else 0.0], device=device)
