@@ -61,6 +61,16 @@ class ProcessEnv:
             return "env://"
         return f"tcp://{self.master_addr}:{self.master_port}"
 
+    def launcher_variables(self) -> dict[str, str]:
+        """The variables torchrun gives each rank, for libraries that read them (mosaicml-streaming reads RANK,
+        WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE). Empty where torchrun, or nobody, started this process."""
+        if self.scheduler in ("none", "torchrun"):
+            return {}
+        out = {"RANK": self.rank, "WORLD_SIZE": self.world_size, "LOCAL_RANK": self.local_rank,
+               "LOCAL_WORLD_SIZE": self.local_world_size, "GROUP_RANK": self.node_rank,
+               "MASTER_ADDR": self.master_addr, "MASTER_PORT": self.master_port}
+        return {k: str(v) for k, v in out.items() if v is not None}
+
 
 def _int(environ: Mapping[str, str], name: str, default: int | None = None, minimum: int = 0) -> int:
     raw = environ.get(name)

@@ -5,9 +5,10 @@ torchrun's c10d rendezvous on the first node of the allocation. Preemption works
 
     slurmctld ──USR1, signal_grace_s before the time limit──► batch shell (``--signal=B:USR1@S``)
     batch shell ──kill -USR1──► srun ──forwards──► torchrun ──TORCHELASTIC_SIGNALS_TO_HANDLE──► trainer ranks
-    trainer: checkpoint at the next step boundary, exit PREEMPTION_EXIT_CODE
+    trainer: checkpoint at the next step boundary, write <run_dir>/preempted.json, exit PREEMPTION_EXIT_CODE
 
-and the batch shell, seeing a preempted step, runs ``scontrol requeue`` while ``SLURM_RESTART_COUNT`` is below
+and the batch shell, seeing a preempted step (that exit code, or preempted.json, or a failure after USR1: torchrun
+turns its ranks' codes into its own status 1), runs ``scontrol requeue`` while ``SLURM_RESTART_COUNT`` is below
 ``max_restarts``. A requeued attempt runs the same command; ``train.resume=auto`` picks up the newest checkpoint.
 A normal finish or a real failure is not requeued, so a crash loop cannot spin.
 """
@@ -105,11 +106,13 @@ class SlurmJob:
         return os.path.normpath(os.path.join(self.workdir or os.getcwd(), path))
 
     def trainer_argv(self) -> list[str]:
-        """What torchrun runs. resume=auto comes last so that it wins: every attempt continues the run."""
+        """What torchrun runs. resume=auto and the run dir (absolute: the job's working directory may differ) come
+        last, so that they win: every attempt continues the run."""
         if self.program is not None:
             return list(self.program)
         config = [self._abs(self.config)] if self.config else []
-        return ["-m", "trainer.cli", "train", *config, *self.overrides,
+        overrides = [o for o in self.overrides if o.split("=", 1)[0].strip() != "train.run_dir"]  # given again last
+        return ["-m", "trainer.cli", "train", *config, *overrides,
                 "train.resume=auto", f"train.run_dir={self._abs(self.run_dir)}"]
 
 
@@ -181,13 +184,17 @@ export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 # and waits this long for the ranks to checkpoint and exit before it kills them (its default is 30 s)
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={spec.signal_grace_s}
 mkdir -p {q(str(slurm_dir))}
-echo "[tarflow-slurm] job $SLURM_JOB_ID attempt $(( RESTARTS + 1 )) on $SLURM_JOB_NODELIST, c10d $HEAD_NODE:$RDZV_PORT"
+# rank 0 writes this when the trainer stopped for preemption (torchrun's own status does not say so); one left by
+# an earlier attempt must not speak for this one
+PREEMPTED_FILE={q(str(slurm_dir.parent / "preempted.json"))}
+rm -f "$PREEMPTED_FILE"
+echo "[tarflow-slurm] $(date +%T) job $SLURM_JOB_ID attempt $(( RESTARTS + 1 )) on $SLURM_JOB_NODELIST, c10d $HEAD_NODE:$RDZV_PORT"
 
 GOT_USR1=0
 STEP_PID=
 on_usr1() {{
   GOT_USR1=1
-  echo "[tarflow-slurm] USR1: the time limit is near, telling the trainer to checkpoint and stop"
+  echo "[tarflow-slurm] $(date +%T) USR1: the time limit is near, telling the trainer to checkpoint and stop"
   [ -n "$STEP_PID" ] && kill -USR1 "$STEP_PID" 2>/dev/null
 }}
 trap on_usr1 USR1
@@ -199,11 +206,14 @@ STEP_PID=$!
 while kill -0 "$STEP_PID" 2>/dev/null; do wait "$STEP_PID"; done
 wait "$STEP_PID"; RC=$?  # bash keeps a finished child's status: this is the step's, not the signal's
 
-# Preempted: the trainer's own code (srun passes on the highest task status), or any failure after USR1
-# (torchrun reports a rank's exit as its own failure, status 1, so the code does not survive it).
+# Preempted: the trainer's own code (srun passes on the highest task status), its preempted.json (a stop it chose
+# itself, e.g. preemption.time_limit_minutes), or any failure after USR1 (torchrun reports a rank's exit as its own
+# failure, status 1, so the code does not survive it).
 PREEMPTED=0
 if [ "$RC" -eq "$PREEMPTION_EXIT_CODE" ]; then PREEMPTED=1; fi
+if [ "$RC" -ne 0 ] && [ -f "$PREEMPTED_FILE" ]; then PREEMPTED=1; echo "[tarflow-slurm] $(cat "$PREEMPTED_FILE")"; fi
 if [ "$GOT_USR1" -eq 1 ] && [ "$RC" -ne 0 ]; then PREEMPTED=1; fi
+echo "[tarflow-slurm] $(date +%T) step ended with status $RC"
 if [ "$PREEMPTED" -eq 1 ]; then
   if [ "$RESTARTS" -lt "$MAX_RESTARTS" ]; then
     echo "[tarflow-slurm] preempted (status $RC): requeue $(( RESTARTS + 1 )) of $MAX_RESTARTS"

@@ -44,15 +44,17 @@ and we set streaming's counter to it before each epoch.
 (``LOCAL_RANK``) and coordinates the ranks of one machine through shared memory named after the local cache
 directory. The constructor sets ``RANK``/``WORLD_SIZE`` from the arguments when they are unset and refuses
 values that disagree. Several ranks on one machine must run with ``LOCAL_WORLD_SIZE``/``LOCAL_RANK`` set (torchrun
-does), consecutive ranks per machine, the same ``num_workers``, and one shared cache directory — ``cfg.cache_dir``,
-or, when that is empty, a temporary directory that local rank 0 creates and sends to the others (which is why
-``world_size > 1`` needs ``torch.distributed`` initialised; streaming also synchronises ranks with it while the
-dataset is built, so loaders must be built by all ranks in the same order). Without ``LOCAL_WORLD_SIZE`` each rank
-counts as its own node with its own cache subdirectory. The local ranks of a machine share streaming's resume slot
-and epoch counter, so they must iterate in lockstep (same epoch and batch at every epoch start and resume), as
-data-parallel training does. The cache holds ``<split>-<digest of URI and index>`` so that a dataset rewritten in
-place is never served from stale shards; an empty ``cfg.cache_dir`` gives a temporary directory, removed when the
-loader is closed or collected (one rank per machine) or when local rank 0's process ends (several).
+does; for tasks started by srun or as pods the trainer's process group exports them; without them two ranks of one
+machine collide in streaming's shared memory), consecutive ranks per machine, the same ``num_workers``, and one
+shared cache directory — ``cfg.cache_dir``, or, when that is empty, a temporary directory that local rank 0 creates
+and sends to the others (which is why ``world_size > 1`` needs ``torch.distributed`` initialised; streaming also
+synchronises ranks with it while the dataset is built, so loaders must be built by all ranks in the same order).
+Without ``LOCAL_WORLD_SIZE`` each rank counts as its own node with its own cache subdirectory. The local ranks of a
+machine share streaming's resume slot and epoch counter, so they must iterate in lockstep (same epoch and batch at
+every epoch start and resume), as data-parallel training does. The cache holds ``<split>-<digest of URI and index>``
+so that a dataset rewritten in place is never served from stale shards; an empty ``cfg.cache_dir`` gives a temporary
+directory, removed when the loader is closed or collected (one rank per machine) or when local rank 0's process ends
+(several).
 
 Stale streaming shared memory (left by killed runs, streaming#717) is removed once per process before the first
 dataset is built — only segments that no live process maps, unlike ``streaming.base.util.

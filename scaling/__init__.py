@@ -1,13 +1,22 @@
-"""Scaling studies: per-point results, power-law fits with bootstrap intervals, the compute frontier, and plots.
+"""Scaling studies: per-point results, power-law fits with bootstrap intervals, the compute frontier, and plots; the
+study driver (``scaling.study``, ``scaling.runner``, ``scaling.cli``: ``tarflow scale run|fit|report``).
 
-The fitting, table and plotting parts are plain numpy/scipy/matplotlib; ``scaling.plot`` imports matplotlib, so it is
-not imported here.
+The names below are imported on first use: ``scaling.cli`` is imported by ``tarflow``'s parser, which should not pay
+for scipy. ``scaling.plot`` imports matplotlib and is not re-exported.
 """
 
-from .fit import Frontier, Points, ScalingFit, compute_frontier, fit_scaling_law
-from .results import PointResult, format_table, markdown_table, read_csv, to_points, write_csv
+from importlib import import_module
 
-__all__ = [
-    "Frontier", "Points", "ScalingFit", "compute_frontier", "fit_scaling_law",
-    "PointResult", "format_table", "markdown_table", "read_csv", "to_points", "write_csv",
-]
+_EXPORTS = {
+    "Frontier": "fit", "Points": "fit", "ScalingFit": "fit", "compute_frontier": "fit", "fit_scaling_law": "fit",
+    "PointResult": "results", "format_table": "results", "markdown_table": "results", "read_csv": "results",
+    "to_points": "results", "write_csv": "results",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'scaling' has no attribute {name!r}")

@@ -1,5 +1,7 @@
 """cluster.env: who a process is, from each launcher's and scheduler's variables (the real names they set)."""
 
+import os
+
 import pytest
 
 from cluster.env import ProcessEnv, discover, slurm_master_port, tasks_per_node
@@ -79,6 +81,31 @@ def test_srun_uneven_tasks_per_node():
                     "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2",
                     "SLURM_JOB_NODELIST": "x1"})
     assert env.local_world_size == 2
+
+
+def test_tasks_started_without_torchrun_get_torchruns_variables_in_their_process_group(monkeypatch):
+    """For the libraries that read them (mosaicml-streaming); set while the group lives, then gone again."""
+    import socket
+
+    import torch
+
+    from trainer.distributed import process_group
+
+    env = discover({"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
+                    "SLURM_NNODES": "1", "SLURM_TASKS_PER_NODE": "1", "SLURM_JOB_NODELIST": "localhost"})
+    assert env.launcher_variables() == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                                        "GROUP_RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "11234"}
+    assert discover({"RANK": "0", "WORLD_SIZE": "1"}).launcher_variables() == {} == ProcessEnv().launcher_variables()
+    with socket.socket() as sock:  # a free port for the tcp:// rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = ProcessEnv(scheduler="slurm", master_addr="127.0.0.1", master_port=port)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with process_group(env, torch.device("cpu")):
+        assert torch.distributed.is_initialized()
+        assert (os.environ["RANK"], os.environ["LOCAL_WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("0", "1", str(port))
+    assert not torch.distributed.is_initialized() and "RANK" not in os.environ and "MASTER_PORT" not in os.environ
 
 
 def test_the_batch_script_is_one_process_of_a_job():

@@ -1,26 +1,33 @@
 """cluster.slurm: the rendered sbatch script, and real jobs on the local slurmctld (cluster/local_slurm/up.sh).
 
-The real jobs are submitted together at the start of the module (they run side by side on the two slurmd "nodes")
-and each test waits for its own. Their trainer is replaced by tiny programs through the spec's `program` (what
-torchrun runs) and `command` (what srun runs instead of torchrun) fields; the batch script around them is the one
-users get.
+The requeue-logic jobs are submitted together at the start of the module (they run side by side on the two slurmd
+"nodes") and each test waits for its own. Their trainer is replaced by tiny programs through the spec's `program`
+(what torchrun runs) and `command` (what srun runs instead of torchrun) fields; the batch script around them is the
+one users get. The last tests run the real trainer: submitted with `tarflow launch slurm`, preempted, requeued and
+compared step by step with an uninterrupted run; and as plain srun tasks without torchrun.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster.env import slurm_master_port
 from cluster.launch_cli import main as launch_main
-from cluster.slurm import PREEMPTION_EXIT_CODE, SlurmJob, render_sbatch, submit, time_limit_seconds
+from cluster.slurm import PREEMPTION_EXIT_CODE, Submission, SlurmJob, render_sbatch, submit, time_limit_seconds
+from tests.checkpoint_helpers import model_state
+from tests.test_ddp import TINY, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -45,7 +52,8 @@ def test_rendered_script_is_valid_bash_with_requeue_signal_and_c10d(tmp_path):
                  "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=16", "#SBATCH --partition=gpu",
                  "#SBATCH --account=ml", "#SBATCH --qos=high", "#SBATCH --exclusive", "#SBATCH --time=2:00:00",
                  f"#SBATCH --output={tmp_path}/run/slurm/%j.out", f"#SBATCH --chdir={REPO}",
-                 f"PREEMPTION_EXIT_CODE={PREEMPTION_EXIT_CODE}", "trap on_usr1 USR1"):
+                 f"PREEMPTION_EXIT_CODE={PREEMPTION_EXIT_CODE}", "trap on_usr1 USR1",
+                 f"PREEMPTED_FILE={tmp_path}/run/preempted.json", 'rm -f "$PREEMPTED_FILE"'):
         assert line in text.splitlines(), line
     step = next(line for line in text.splitlines() if line.startswith("srun "))
     assert step.endswith(" &")  # in the background, so that the USR1 trap runs while the step does
@@ -162,8 +170,7 @@ def _wait_for_text(sub, text: str, count: int, timeout: float = 90) -> None:
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory):
-    """Submit every real job at once; they run side by side (2 nodes × 4 CPU slots) in about 30 s."""
+def slurm_up():
     if shutil.which("sinfo") is None:
         pytest.skip("sinfo not found: no SLURM here; bring one up with `bash cluster/local_slurm/up.sh` (as root)")
     state = subprocess.run(["sinfo", "-h", "-o", "%D %T"], capture_output=True, text=True)
@@ -172,6 +179,10 @@ def jobs(tmp_path_factory):
     nodes = sum(int(n) for n, s in (line.split() for line in state.stdout.splitlines()) if not s.startswith("down"))
     assert nodes >= 2, f"the 2-node tests need 2 nodes, sinfo says: {state.stdout}"
 
+
+@pytest.fixture(scope="module")
+def jobs(slurm_up, tmp_path_factory):
+    """Submit every requeue-logic job at once; they run side by side (2 nodes × 4 CPU slots) in about 30 s."""
     base = tmp_path_factory.mktemp("slurm")
     probe, preemptible = base / "probe.py", base / "preemptible.py"
     probe.write_text(PROBE)
@@ -191,6 +202,12 @@ def jobs(tmp_path_factory):
         "always_preempted": go("always_preempted", max_restarts=1,
                                command=["bash", "-c", ATTEMPT + f"exit {PREEMPTION_EXIT_CODE}"]),
         "usr1": go("usr1", program=[str(preemptible)]),
+        # attempt 0 stops as the trainer does under torchrun (preempted.json, torchrun's status 1): requeued;
+        # attempt 1 fails for real: the file attempt 0 left must not requeue it again
+        "preempted_file": go("preempted_file", max_restarts=2, command=["bash", "-c", ATTEMPT + (
+            f'[ "${{SLURM_RESTART_COUNT:-0}}" -ge 1 ] && exit 1; echo "{{}}" > {base}/preempted_file/preempted.json; '
+            'exit 1')]),
+        "config_error": launch(base / "config_error", "--max-restarts", "2", overrides=("train.strategy=nonsense",)),
     }
 
 
@@ -256,6 +273,15 @@ def test_requeues_stop_after_max_restarts(jobs):
     assert "1 of 1 restarts are used: not requeued" in log
 
 
+def test_preempted_json_requeues_a_failed_step_once(jobs):
+    sub = jobs["preempted_file"]
+    info = _wait(sub)
+    log = _log(sub)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "1", "1:0"), log
+    assert _attempts(log) == ["attempt 0", "attempt 1"] and "requeue 1 of 2" in log, log
+    assert "step failed with status 1: not requeued" in log
+
+
 def test_usr1_reaches_the_ranks_through_srun_and_torchrun_and_the_job_requeues(jobs):
     """What `--signal=B:USR1@S` does near the time limit, sent now (the scheduler's own timer is ~30 s coarse)."""
     sub = jobs["usr1"]
@@ -265,3 +291,126 @@ def test_usr1_reaches_the_ranks_through_srun_and_torchrun_and_the_job_requeues(j
     log = _log(sub)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), log
     assert "rank 0 got USR1" in log and "resumed rank 0 restart 1" in log, log
+
+
+def test_a_trainer_config_error_fails_the_job_without_requeue(jobs):
+    sub = jobs["config_error"]
+    info = _wait(sub)
+    log = _log(sub)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), log
+    assert "train.strategy: must be one of" in log and "not requeued" in log, log
+
+
+# ---------------------------------------------------------------- the real trainer
+
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # sbatch passes the submitter's environment on to the job
+
+
+def launch(run_dir: Path, *options: str, overrides: tuple[str, ...] = ()) -> Submission:
+    """``tarflow launch slurm`` as a user types it; the job runs the tiny digits model on CPU."""
+    done = subprocess.run([sys.executable, "-m", "trainer.cli", "launch", "slurm", *options, "--time", "5",
+                           "--signal-grace", "60", "--job-name", f"test-{run_dir.name}", *overrides,
+                           f"train.run_dir={run_dir}"], cwd=REPO, env=CPU_ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    m = re.search(r"^submitted job (\d+): (\S+)$", done.stdout, re.M)
+    assert m and f"logs: {run_dir}/slurm/{m.group(1)}.out" in done.stdout, done.stdout
+    slurm = run_dir / "slurm"
+    return Submission(m.group(1), Path(m.group(2)), slurm / f"{m.group(1)}.out", slurm / f"{m.group(1)}.err", "")
+
+
+def _losses(run_dir: Path) -> dict[int, list[float]]:
+    """train/loss of every logged step, as a list: a step trained twice would show up twice."""
+    out: dict[int, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            out.setdefault(record["step"], []).append(record["train/loss"])
+    return out
+
+
+def _steps_logged(run_dir: Path) -> int:
+    """While the run writes: the last step with a complete record."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []  # the last one may be half written
+    return max((json.loads(line)["step"] for line in lines if "train/loss" in line), default=0)
+
+
+def _assert_same_model(a: Path, b: Path) -> None:
+    sa, sb = model_state(a), model_state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+STEPS = 150
+RUN = (*TINY, "train.strategy=ddp", "logging.every=1", f"train.steps={STEPS}", "checkpoint.every=50",
+       "eval.at_start=false")
+
+
+def test_two_node_training_preempted_by_usr1_is_requeued_and_matches_an_uninterrupted_run(slurm_up, tmp_path):
+    """2 nodes × 1 rank under torchrun; USR1 as `--signal=B:USR1@S` sends it, after a few steps; the requeued
+    attempt resumes (train.resume=auto) and finishes. Every step's loss and the final model equal those of an
+    uninterrupted 2-rank run: nothing trained twice, nothing skipped (CPU fp32 resumes bitwise)."""
+    run_dir, straight = tmp_path / "preempted", tmp_path / "straight"
+    sub = launch(run_dir, "--nodes", "2", "--max-restarts", "2", overrides=RUN)
+    with ThreadPoolExecutor(1) as pool:  # the uninterrupted run, meanwhile
+        uninterrupted = pool.submit(torchrun, ["-m", "trainer.cli", "train", f"train.run_dir={straight}", *RUN])
+        end = time.monotonic() + 90
+        while _steps_logged(run_dir) < 5:
+            assert _scontrol(sub.job_id)["JobState"] in ("PENDING", "RUNNING"), _log(sub)
+            assert time.monotonic() < end, f"no 5 steps in 90 s:\n{_log(sub)}"
+            time.sleep(0.1)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", sub.job_id], check=True)
+        signalled = time.monotonic()
+        while not (run_dir / "preempted.json").exists():
+            assert time.monotonic() < signalled + 60, f"no preempted.json 60 s after USR1:\n{_log(sub)}"
+            time.sleep(0.05)
+        saved = time.monotonic() - signalled
+        preempted = json.loads((run_dir / "preempted.json").read_text())
+        info = _wait(sub, timeout=180)
+        uninterrupted.result()
+    log = _log(sub)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), log
+    assert re.findall(r"attempt (\d+) on node\[1-2\]", log) == ["1", "2"], log  # from SLURM_RESTART_COUNT
+    stop = preempted["step"]
+    assert preempted["reason"] == "SIGUSR1" and 5 <= stop < STEPS and preempted["exit_code"] == PREEMPTION_EXIT_CODE
+    assert f"stopping at step {stop}: SIGUSR1" in log and f"resumed from step {stop} " in log, log
+    assert "requeue 1 of 2" in log and "done: step 150" in log, log
+    # the resumed job's metrics hold every step once, with the uninterrupted run's losses
+    ours, theirs = _losses(run_dir), _losses(straight)
+    assert sorted(ours) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in ours.values())
+    assert ours == theirs
+    _assert_same_model(run_dir / "checkpoints" / f"step-{STEPS:08d}", straight / "checkpoints" / f"step-{STEPS:08d}")
+    ended, started = (re.search(rf"\[tarflow-slurm\] (\d+):(\d+):(\d+) {what}", log) for what in
+                      ("step ended", r"job \d+ attempt 2"))
+    seconds = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in (ended.groups(), started.groups())]
+    print(f"USR1 → checkpoint saved and preempted.json: {saved:.1f} s; step end → requeued attempt started: "
+          f"{(seconds[1] - seconds[0]) % 86400} s")
+
+
+@pytest.fixture(scope="module")
+def mds_digits(tmp_path_factory):
+    from data_pipeline.sources import open_source
+    from data_pipeline.writer import write_dataset
+
+    root = tmp_path_factory.mktemp("mds")
+    write_dataset(open_source("digits"), str(root), "mds", shard_size=30_000)
+    return root
+
+
+def test_plain_srun_tasks_train_like_torchrun_ranks_on_mds_shards(slurm_up, mds_digits, tmp_path):
+    """`srun -n 2 python -m trainer.cli train`: no torchrun, so the ranks come from SLURM's variables, the
+    rendezvous is tcp:// to the first node, and streaming gets torchrun's variables from cluster.env (both ranks on
+    one node share its cache). Bitwise the same as torchrun's two ranks."""
+    run = [*TINY, "train.strategy=ddp", "train.steps=4", "eval.at_start=false", "eval.every=0", "data.format=mds",
+           f"data.uri={mds_digits}"]
+    srun = subprocess.Popen(["srun", "--nodes=1", "--ntasks=2", "--time=3", "--job-name=test-plain-srun",
+                             "--kill-on-bad-exit=1", sys.executable, "-m", "trainer.cli", "train", *run,
+                             f"train.run_dir={tmp_path / 'srun'}"], cwd=REPO, env=CPU_ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    torchrun(["-m", "trainer.cli", "train", *run, f"train.run_dir={tmp_path / 'torchrun'}"])
+    out = srun.communicate(timeout=180)[0]
+    assert srun.returncode == 0, out
+    assert "done: step 4" in out, out
+    _assert_same_model(tmp_path / "srun" / "checkpoints" / "step-00000004",
+                       tmp_path / "torchrun" / "checkpoints" / "step-00000004")

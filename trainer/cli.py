@@ -64,6 +64,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not model.config.num_classes:
             raise ValueError("--labels given but the model is unconditional")
         labels = torch.tensor([args.labels[i % len(args.labels)] for i in range(args.num)])
+    if args.trajectory:
+        from .trajectory import sampling_trajectory, save_trajectory
+
+        trajectory, names = sampling_trajectory(
+            model, noise, labels, guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
+            denoise_std=denoise_std(cfg.train.noise, cfg.train.noise_std) if args.denoise else None,
+            device=device, precision=resolve_precision(args.precision, device, "gaussian"))
+        for p in save_trajectory(trajectory, names, Path(args.out), labels):
+            print(p)
+        bad = int((~torch.isfinite(trajectory[:, -1]).flatten(1).all(1)).sum())
+        if bad:
+            print(f"warning: {bad} samples with NaN/Inf values", file=sys.stderr)
+        return 0
     result = generate(model, noise, labels, guidances=[args.guidance], attn_temp=args.attn_temp,
                       annealed=args.annealed,
                       denoise_std=denoise_std(cfg.train.noise, cfg.train.noise_std) if args.denoise else None,
@@ -77,12 +90,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+_FID_ONLY = {"num_samples": 50000, "guidance": [0.0], "attn_temp": [1.0], "annealed": False, "denoise": False,
+             "inception": None, "ref_stats": None, "seed": 0, "batch_size": 0, "precision": "auto",
+             "max_redraws": 10, "save_samples": False, "no_bpd": False, "out": None, "split": "train"}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from data_pipeline import build_loader
 
     from .evaluate import heldout_bits_per_dim
     from .runtime import resolve_device
 
+    if args.checkpoint == "stats":  # `tarflow eval stats DATA_URI --out FILE [data.key=value ...]`
+        if not args.overrides:
+            raise ValueError("usage: tarflow eval stats DATA_URI --out FILE [data.key=value ...]")
+        return cmd_eval_stats(args, args.overrides[0], args.overrides[1:])
+    if args.metric == "fid":
+        from .eval_suite import cli_eval_fid
+
+        return cli_eval_fid(args)
+    misplaced = [k for k, default in _FID_ONLY.items() if getattr(args, k) != default]
+    if misplaced:
+        raise ValueError(f"--{misplaced[0].replace('_', '-')} applies to --metric fid only")
     device = resolve_device(args.device)
     model, cfg = _load_model(args.checkpoint, device)
     not_data = [o for o in args.overrides if not o.startswith("data.")]
@@ -93,6 +122,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bpd, n = heldout_bits_per_dim(model, loader, device, max_images=args.max_images)
     print(json.dumps({"bits_per_dim": bpd, "images": n, "checkpoint": str(args.checkpoint)}))
     return 0
+
+
+def cmd_eval_stats(args: argparse.Namespace, data_uri: str | None = None, overrides: list[str] | None = None) -> int:
+    from .eval_suite import cli_eval_stats
+
+    if data_uri is None:  # `tarflow eval-stats DATA_URI ...`
+        data_uri, overrides = args.data_uri, args.overrides
+    return cli_eval_stats(args, data_uri, list(overrides or []))
 
 
 def cmd_import_reference(args: argparse.Namespace) -> int:
@@ -177,6 +214,29 @@ def cmd_data_write(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-samples", type=int, default=50000, help="samples per setting, over all ranks (a "
+                                                                  "multiple of the number of ranks)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[0.0], help="guidance weights (several: a sweep)")
+    p.add_argument("--attn-temp", type=float, nargs="+", default=[1.0],
+                   help="attention temperatures of the guidance branch (several: a sweep)")
+    p.add_argument("--annealed", action="store_true", help="ramp the guidance weight over each block's steps")
+    p.add_argument("--denoise", action="store_true", help="one score-based denoising step after sampling")
+    p.add_argument("--inception", default=None, help="FID Inception weights, pt_inception-2015-12-05-6726825d.pth "
+                                                     "(default: $TARFLOW_INCEPTION_WEIGHTS, torch hub's cache)")
+    p.add_argument("--ref-stats", default=None, help="reference statistics from `tarflow eval stats`")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the noise (sample i: seed, i, attempt)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="samples per batch and rank (default: eval.batch_size); stats: images per loader batch")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="sampling autocast (auto: bf16 on CUDA, as the reference's evaluation)")
+    p.add_argument("--max-redraws", type=int, default=10, help="fresh-noise redraws of a NaN/Inf sample")
+    p.add_argument("--save-samples", action="store_true", help="every rank writes its uint8 samples into --out")
+    p.add_argument("--no-bpd", action="store_true", help="skip the held-out and sample bits/dim")
+    p.add_argument("--out", default=None, help="fid: a directory for sweep.csv, sweep.png, results.json, "
+                                               "previews; stats: the statistics file (.npz)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tarflow", description="Train and use TarFlow normalizing flows.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,15 +257,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--trajectory", action="store_true",
+                   help="write trajectory.png/.npz instead: the image after each inverted flow block (rows: "
+                        "samples, columns: noise, then each block; with --denoise a last denoised column)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="held-out bits/dim of a checkpoint")
-    p.add_argument("checkpoint")
+    p = sub.add_parser(
+        "eval", help="held-out bits/dim of a checkpoint; FID and sweeps (--metric fid); "
+                     "`eval stats DATA_URI --out FILE`: FID reference statistics",
+        description="tarflow eval CKPT [data.key=value ...] [--metric fid --num-samples N --ref-stats FILE "
+                    "--inception PATH --guidance W [W ...] --attn-temp T [T ...] --annealed --denoise --out DIR] | "
+                    "tarflow eval stats DATA_URI --out FILE [data.key=value ...] [--split train|heldout "
+                    "--inception PATH]. Put data.* overrides before options that take several values. Several "
+                    "processes: torchrun --nproc_per_node=K -m trainer.cli eval ... (samples and images are "
+                    "sharded over the ranks).")
+    p.add_argument("checkpoint", help="a checkpoint URI; or the word `stats` followed by DATA_URI")
     p.add_argument("overrides", nargs="*", metavar="data.key=value")
+    p.add_argument("--max-images", type=int, default=0, help="cap on held-out images (bits/dim) or data images "
+                                                             "(stats); 0: all")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--metric", default="bpd", choices=["bpd", "fid"])
+    _add_fid_arguments(p)
+    p.add_argument("--split", default="train", choices=["train", "heldout"],
+                   help="stats: the data split (train: the usual FID reference)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-stats", help="FID reference statistics of a data set (= `eval stats`)",
+                       description="tarflow eval-stats DATA_URI --out FILE [data.key=value ...]; DATA_URI: digits, "
+                                   "photos, or a directory / s3://bucket/prefix written by `tarflow data write`")
+    p.add_argument("data_uri")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value")
+    p.add_argument("--out", required=True, help="the statistics file (.npz)")
+    p.add_argument("--split", default="train", choices=["train", "heldout"])
+    p.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per loader batch and rank (default 100)")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval_stats)
 
     p = sub.add_parser("data", help="write datasets as shards")
     dsub = p.add_subparsers(dest="data_command", required=True)

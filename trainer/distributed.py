@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from datetime import timedelta
 
 import torch
@@ -12,20 +13,35 @@ from cluster.env import ProcessEnv
 
 
 @contextlib.contextmanager
-def process_group(env: ProcessEnv, device: torch.device):
-    """NCCL on CUDA, gloo on CPU; rendezvous from torchrun's variables (env://). Torn down on the way out."""
-    created = False
-    if env.scheduler != "none" and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=env.rank,
-                                world_size=env.world_size, timeout=timedelta(minutes=30))
-        created = True
+def _exported(variables: dict[str, str]):
+    """Set the unset ones of ``variables`` in os.environ for the duration; restore on the way out."""
+    added = {k: v for k, v in variables.items() if k not in os.environ}
+    os.environ.update(added)
     try:
         yield
-        if created:  # all ranks finished normally: leave together, or a fast rank's teardown aborts a slow one's I/O
-            dist.barrier()
     finally:
-        if created:
-            dist.destroy_process_group()
+        for k in added:
+            os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def process_group(env: ProcessEnv, device: torch.device):
+    """NCCL on CUDA, gloo on CPU. Rendezvous: torchrun's variables (env://), or, for a task started directly by
+    srun or as an Indexed Job pod, the discovered master (tcp://), with torchrun's rank variables exported for the
+    libraries that read them (mosaicml-streaming). Torn down on the way out."""
+    created = False
+    with _exported(env.launcher_variables()):
+        if env.scheduler != "none" and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=env.init_method,
+                                    rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=30))
+            created = True
+        try:
+            yield
+            if created:  # all finished normally: leave together, or a fast rank's teardown aborts a slow one's I/O
+                dist.barrier()
+        finally:
+            if created:
+                dist.destroy_process_group()
 
 
 def active() -> bool:

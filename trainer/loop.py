@@ -354,8 +354,7 @@ class Trainer:
             if self.env.is_main:
                 torch.save(run, directory / RUN_FILE)
 
-        blocked = self.checkpoints.save(state.step, write, manifest)
-        self.logger.log(state.step, {"checkpoint/blocked_seconds": blocked})
+        self.checkpoints.save(state.step, write, manifest)  # logged when its upload is done (_finish_save)
         self._last_saved_step = state.step
 
     def _finish_save(self, required: bool) -> None:
