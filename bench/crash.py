@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=12)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -55,10 +55,11 @@ def main() -> None:
     server.stop()
     print(f"{args.kills} kills of a {args.nproc}-rank run ({args.steps} steps, a checkpoint every step), "
           f"{time.perf_counter() - started:.0f} s")
-    print("attempt  killed after (s)  resumed from step")
+    print("attempt  killed after (s)  during a save  resumed from step")
     for i, k in enumerate(killed.kills):
         after = "-" if k["killed_after_s"] is None else f"{k['killed_after_s']:.2f}"
-        print(f"{i:>7}  {after:>16}  {k['resumed_from'] if k['resumed_from'] is not None else 'start':>17}")
+        during = {True: "yes", False: "no", None: "-"}[k.get("during_save")]
+        print(f"{i:>7}  {after:>16}  {during:>13}  {k['resumed_from'] if k['resumed_from'] is not None else 'start':>17}")
     print(f"every kill: all manifests verified, resumed from the newest complete checkpoint; final model equal to "
           f"the uninterrupted run: {equal}; per-step losses equal: {same_losses}")
     if not (equal and same_losses):

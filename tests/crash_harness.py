@@ -83,11 +83,26 @@ def run_with_kills(run_dir: Path, uri: str, steps: int, kills: int, nproc: int, 
         time.sleep(delay)
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before the kill; lengthen it: {proc.stdout.read()[-2000:]}")
-        os.killpg(proc.pid, signal.SIGKILL)
+        in_flight = any((run_dir / ".checkpoint-staging").glob("step-*/rank-*"))  # staged, not yet committed
+        kill_all(proc, run_dir)
         output = proc.communicate()[0]
         verify_all(uri)
         _check_resumed_from(output, before, report, killed_at=delay)
+        report.kills[-1]["during_save"] = in_flight
     return report
+
+
+def kill_all(proc: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL the launcher and every worker: torchrun's workers live in process groups of their own, so they are
+    found by the run directory on their command line."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    pattern = f"train.run_dir={run_dir}"
+    subprocess.run(["pkill", "-KILL", "-f", pattern], check=False)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "workers survived SIGKILL"
+        subprocess.run(["pkill", "-KILL", "-f", pattern], check=False)
+        time.sleep(0.05)
 
 
 def _mtime(path: Path) -> float:

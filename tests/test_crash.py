@@ -16,6 +16,8 @@ def test_kill_9_during_saves_never_resumes_from_a_partial_checkpoint(tmp_path, s
                             window=(0.3, 2.0), free_port=free_port)
     resumed = [k["resumed_from"] for k in killed.kills]
     assert resumed[0] is None and all(r is not None for r in resumed[1:]), resumed
+    assert resumed[1:] == sorted(resumed[1:]) and resumed[-1] < steps  # each attempt got further, none finished
+    assert any(k.get("during_save") for k in killed.kills), killed.kills  # at least one kill hit a save in flight
     straight = run_with_kills(tmp_path / "straight", f"s3://{s3_bucket}/straight", steps, kills=0, nproc=1, seed=0)
     a = model_state(f"s3://{s3_bucket}/straight")
     b = model_state(f"s3://{s3_bucket}/killed")

@@ -319,7 +319,8 @@ def launch(run_dir: Path, *options: str, overrides: tuple[str, ...] = ()) -> Sub
 
 
 def _losses(run_dir: Path) -> dict[int, list[float]]:
-    """train/loss of every logged step, as a list: a step trained twice would show up twice."""
+    """train/loss of every logged step, as a list: a step logged twice would show up twice. (A resumed run drops
+    the records past its checkpoint; that it resumed exactly where it stopped is asserted from the job's log.)"""
     out: dict[int, list[float]] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
