@@ -111,7 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return cli_eval_fid(args)
     misplaced = [k for k, default in _FID_ONLY.items() if getattr(args, k) != default]
     if misplaced:
-        raise ValueError(f"--{misplaced[0].replace('_', '-')} applies to --metric fid only")
+        where = "`eval stats`" if misplaced[0] == "split" else "--metric fid"
+        raise ValueError(f"--{misplaced[0].replace('_', '-')} applies to {where} only (this is --metric bpd)")
     device = resolve_device(args.device)
     model, cfg = _load_model(args.checkpoint, device)
     not_data = [o for o in args.overrides if not o.startswith("data.")]

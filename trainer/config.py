@@ -94,6 +94,7 @@ class EvalConfig:
     at_start: bool = True
     batch_size: int = 256
     max_images: int = 0   # 0: the whole held-out split
+    inception_weights: str = ""  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "": the usual places
 
 
 @dataclass
