@@ -12,6 +12,7 @@ import torch
 from cluster.launch_cli import add_launch_parser
 from data_pipeline.storage import DataSourceError
 from models import TarFlow
+from scaling.cli import add_scale_parser
 
 from .checkpoint import FORMAT_VERSION, CheckpointError, atomic_torch_save
 from .config import ConfigError, config_hash, load_config, to_yaml
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_export_reference)
     add_launch_parser(sub)
+    add_scale_parser(sub)
     return parser
 
 

@@ -322,8 +322,8 @@ class Trainer:
         per_rank = -(-n // self.world_size)
         mine = torch.arange(self.rank * per_rank, (self.rank + 1) * per_rank) % n
         labels = self.sample_labels[mine] if self.sample_labels is not None else None
-        with self.strategy.inference():
-            part = generate(self.model, self.sample_noise[mine], labels, guidances=sample_config_guidances(cfg),
+        with self.strategy.inference() as model:
+            part = generate(model, self.sample_noise[mine], labels, guidances=sample_config_guidances(cfg),
                             attn_temp=cfg.attn_temp, annealed=cfg.annealed,
                             denoise_std=denoise_std(t.noise, t.noise_std) if cfg.denoise else None,
                             device=self.device, precision=self.precision)

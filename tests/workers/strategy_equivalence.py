@@ -87,9 +87,10 @@ def main() -> None:
         noise = torch.randn(3, CONFIG.num_patches, CONFIG.patch_dim, generator=torch.Generator().manual_seed(5))
         labels = torch.tensor([1, -1, 7])
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-        with strategy.inference(), autocast:
-            sampled = strategy.unwrapped.reverse(noise, labels, guidance=1.0)
-            denoised = strategy.unwrapped.denoise(sampled, labels, noise_std=0.05)
+        with strategy.inference() as model, autocast:  # denoise between two samplings, as the trainer does
+            model.denoise(model.reverse(noise, labels, guidance=0.0), labels, noise_std=0.05)
+            sampled = model.reverse(noise, labels, guidance=1.0)
+            denoised = model.denoise(sampled, labels, noise_std=0.05)
         if env.rank == 0:
             plain = TarFlow(CONFIG)
             plain.load_state_dict(full)

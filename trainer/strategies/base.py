@@ -40,10 +40,10 @@ class Strategy(ABC):
         """Context for micro-batches whose gradients are not yet reduced (all but the last of a step)."""
         return contextlib.nullcontext()
 
-    def inference(self) -> contextlib.AbstractContextManager:
-        """Context in which ``unwrapped`` can run every entry point (``reverse``, ``denoise``), not only forward.
+    def inference(self) -> contextlib.AbstractContextManager[TarFlow]:
+        """Context yielding a model that can run every entry point (``reverse``, ``denoise``), not only forward.
         All ranks enter it together."""
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(self.unwrapped)
 
     @property
     def replicated(self) -> bool:

@@ -72,11 +72,16 @@ class DeepSpeedZeRO(Strategy):
     @contextlib.contextmanager
     def inference(self):
         if self.stage < 3:
-            yield
+            yield self.engine.module
             return
-        import deepspeed
-        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
-            yield
+        # ZeRO-3's hooks release parameters after every module forward and backward, even inside
+        # GatheredParameters, so denoise's backward would leave the next reverse with empty partitions: sample from
+        # a plain copy of the full fp32 weights instead (the memory a full gather takes anyway).
+        module = self.engine.module
+        replica = type(module)(module.config).to(self.device)
+        replica.load_state_dict(self.full_model_state_dict())
+        replica.train(module.training)
+        yield replica
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divides by the accumulation steps

@@ -85,7 +85,7 @@ class FullyShardedDataParallel(SingleDevice):
             unit.set_reshard_after_backward(False)
             unit.unshard()
         try:
-            yield
+            yield self._module
         finally:
             for unit in units:
                 unit.reshard()

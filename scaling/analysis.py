@@ -1,0 +1,158 @@
+"""Fitting a study's results and reporting them: ``fit.json``, log-log plots, the table and the fitted laws.
+
+What is fitted depends on what the study varied:
+
+- sizes only: L(N) over all points;
+- budgets only (one size): L(C) over all points, C = training FLOPs;
+- both: L(N) for every budget that has at least 3 sizes, the compute frontier (best size per compute level) and L(C)
+  on the frontier.
+
+N is ``fit.x`` of the study (parameters without embeddings by default). Fits and their bootstrap intervals come from
+``scaling.fit``; a fit that cannot be made (fewer than 3 distinct x, say) is listed under ``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .fit import Points, ScalingFit, compute_frontier, fit_scaling_law
+from .results import PointResult, format_table, markdown_table, read_csv, to_points, write_csv
+
+RESULTS_FILE = "results.csv"
+FIT_FILE = "fit.json"
+PLOTS_DIR = "plots"
+X_LABELS = {"params_no_embed": "parameters without embeddings N", "params_total": "parameters N"}
+
+
+def _plot_name(key: str) -> str:
+    """"L(N)" → L_N.png, "L(N) steps400" → L_N_steps400.png."""
+    stem = key.replace("(", "_").replace(")", "").replace(" ", "_")
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) + ".png"
+
+
+def monotone(points: Points) -> bool:
+    """Mean bits/dim per x strictly decreases as x grows."""
+    xs = np.unique(points.x)
+    means = [points.loss[points.x == v].mean() for v in xs]
+    return bool(all(b < a for a, b in zip(means, means[1:])))
+
+
+def fit_study(name: str, results: list[PointResult], budget_of: dict[str, str], directory: Path, *,
+              x: str = "params_no_embed", n_boot: int = 1000, confidence: float = 0.95, seed: int = 0,
+              plots_dirs: tuple[Path, ...] = ()) -> dict:
+    """Fit what the study varied, write ``fit.json`` and the PNGs (into ``<directory>/plots`` and ``plots_dirs``)."""
+    from .plot import plot_fit, plot_frontier
+
+    ok = [r for r in results if r.ok]
+    if not ok:
+        raise ValueError("no finished points to fit (see `tarflow scale report` for failures)")
+    budgets = sorted({budget_of.get(r.name, "") for r in ok}, key=lambda b: min(
+        r.train_steps for r in ok if budget_of.get(r.name, "") == b))
+    sizes = {r.params_total for r in ok}
+    out: dict = {"study": name, "x": x, "points": {"ok": len(ok), "failed": sum(r.status == "failed" for r in results)},
+                 "fits": {}, "skipped": {}, "plots": []}
+    dirs = [directory / PLOTS_DIR, *plots_dirs]
+    kw = dict(n_boot=n_boot, confidence=confidence, seed=seed)
+
+    def save(plotter, filename: str, *args, **kwargs) -> str:
+        # <study dir>/plots/L_N.png; in a shared folder (docs/...) the study's name goes first: <name>_L_N.png
+        paths = [str(plotter(*args, d / (filename if i == 0 else f"{name}_{filename}"), **kwargs))
+                 for i, d in enumerate(dirs)]
+        out["plots"] += paths
+        return paths[0]
+
+    def fit_sizes(subset: list[PointResult], key: str, title: str) -> None:
+        pts = to_points(subset, x)
+        try:
+            fit = fit_scaling_law(pts, what=x.replace("_", " "), **kw)
+        except ValueError as e:
+            out["skipped"][key] = str(e)
+            return
+        entry = fit.to_dict()
+        entry.update(symbol="N", monotone=monotone(pts), law_text=fit.law("N"))
+        entry["plot"] = save(plot_fit, _plot_name(key), pts, fit, xlabel=X_LABELS[x], title=title)
+        out["fits"][key] = entry
+
+    if len(sizes) >= 2:
+        if len(budgets) == 1:
+            fit_sizes(ok, "L(N)", f"{name}: held-out bits/dim vs size ({budgets[0]})")
+        else:
+            for b in budgets:
+                fit_sizes([r for r in ok if budget_of.get(r.name) == b], f"L(N) {b}", f"{name}: vs size at {b}")
+    if len(budgets) >= 2:
+        pts = to_points(ok, "train_flops")
+        if len(sizes) == 1:
+            try:
+                fit = fit_scaling_law(pts, what="compute", **kw)
+                entry = fit.to_dict()
+                entry.update(symbol="C", monotone=monotone(pts), law_text=fit.law("C"))
+                entry["plot"] = save(plot_fit, "L_C.png", pts, fit, xlabel="training compute C (FLOPs)",
+                                     title=f"{name}: held-out bits/dim vs compute", symbol="C")
+                out["fits"]["L(C)"] = entry
+            except ValueError as e:
+                out["skipped"]["L(C)"] = str(e)
+        else:
+            frontier = compute_frontier(pts)
+            out["frontier"] = frontier.to_dict()
+            fit = None
+            try:
+                fit = fit_scaling_law(frontier.points, what="compute (frontier)", **kw)
+                entry = fit.to_dict()
+                entry.update(symbol="C", monotone=monotone(frontier.points), law_text=fit.law("C"),
+                             on="compute-optimal frontier")
+                out["fits"]["L(C)"] = entry
+            except ValueError as e:
+                out["skipped"]["L(C)"] = str(e)
+            path = save(plot_frontier, "frontier.png", pts, frontier, fit,
+                        title=f"{name}: held-out bits/dim vs compute, frontier")
+            if "L(C)" in out["fits"]:
+                out["fits"]["L(C)"]["plot"] = path
+    if len(sizes) < 2 and len(budgets) < 2:
+        out["skipped"]["L(N)"] = "the study has one size and one budget: nothing to fit"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / FIT_FILE).write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def laws_text(fit: dict) -> list[str]:
+    lines = []
+    for key, entry in fit.get("fits", {}).items():
+        law = ScalingFit.from_dict(entry).law(entry.get("symbol", "N"))
+        level = f"{100 * entry['confidence']:.0f}%"
+        what = f"N = {fit.get('x')}" if entry.get("symbol") == "N" else "C = training FLOPs"
+        extra = f", on the {entry['on']}" if entry.get("on") else ""
+        trend = "" if entry.get("monotone") is None else (
+            "; bits/dim decreases monotonically" if entry["monotone"] else "; NOT monotone in x")
+        lines.append(f"{key}: {law}   ({what}{extra}; {level} bootstrap intervals from {entry['n_boot']} fits over "
+                     f"{entry['n_points']} points; rms log-residual {entry['residual_rms']:.3g}{trend})")
+    for key, why in fit.get("skipped", {}).items():
+        lines.append(f"{key}: not fitted: {why}")
+    return lines
+
+
+def report_text(results: list[PointResult], fit: dict | None, pending: list[str] = (), markdown: bool = False) -> str:
+    parts = [markdown_table(results) if markdown else format_table(results)]
+    if pending:
+        parts.append(f"{len(pending)} point(s) not finished yet: {', '.join(pending)}")
+    if fit is None:
+        parts.append("no fit yet: `tarflow scale fit STUDY_DIR`")
+    else:
+        laws = laws_text(fit)
+        parts.append("\n".join(f"- {line}" for line in laws) if markdown else "\n".join(laws))
+    return "\n\n".join(parts)
+
+
+def write_results(results: list[PointResult], directory: Path) -> Path:
+    path = directory / RESULTS_FILE
+    write_csv(results, path)
+    return path
+
+
+def read_results(directory: Path) -> list[PointResult]:
+    path = directory / RESULTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory}: no {RESULTS_FILE}")
+    return read_csv(path)

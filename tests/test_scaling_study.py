@@ -1,0 +1,140 @@
+"""scaling.study: the study spec (typed, errors naming the file and key) and the plan of points it expands to."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from models import TarFlow, num_parameters
+from scaling.study import (StudyError, budget_name, expand_sizes, load_study, parameter_counts, plan_study,
+                           study_from_dict)
+from trainer.config import load_config
+from trainer.flops import flops_per_image
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = str(REPO / "configs" / "digits.yaml")
+
+
+def spec(**kw) -> dict:
+    base = {"name": "t", "config": DIGITS, "sizes": {"channels": [16, 32], "head_dim": 16, "num_blocks": 2,
+                                                     "layers_per_block": 1}}
+    return {**base, **kw}
+
+
+def test_a_grid_expands_to_every_combination_with_stable_names():
+    s = study_from_dict(spec(sizes={"channels": [16, 32], "num_blocks": [2, 4], "layers_per_block": 1,
+                                    "head_dim": 16}))
+    sizes = expand_sizes(s)
+    assert [z.name for z in sizes] == ["c16-b2-l1", "c16-b4-l1", "c32-b2-l1", "c32-b4-l1"]
+    assert sizes[1].as_overrides() == ["model.channels=16", "model.num_blocks=4", "model.layers_per_block=1",
+                                       "model.head_dim=16"]
+
+
+def test_named_sizes_set_only_what_they_name_plus_their_own_overrides():
+    s = study_from_dict(spec(sizes=[{"name": "small", "channels": 32},
+                                    {"name": "wide", "channels": 64, "overrides": ["model.expansion=2"]}]))
+    small, wide = expand_sizes(s)
+    assert small.as_overrides() == ["model.channels=32"]
+    assert wide.as_overrides() == ["model.channels=64", "model.expansion=2"]
+
+
+def test_the_plan_converts_budgets_and_forces_the_measurement(tmp_path):
+    s = study_from_dict(spec(overrides=["train.global_batch=64", "train.micro_batch=64", "train.noise=uniform"],
+                             budgets=[{"steps": 30}, {"images": 6400}, {"flops": 3.0e11}], seeds=[0, 7],
+                             warmup_fraction=0.1))
+    points = plan_study(s, tmp_path)
+    assert len(points) == 2 * 3 * 2
+    by_name = {p.name: p for p in points}
+    p = by_name["c32-b2-l1-images6400-s7"]
+    assert p.steps == 100 and p.images == 6400 and p.global_batch == 64
+    cfg = load_config(DIGITS, ["model.channels=32", "model.head_dim=16", "model.num_blocks=2",
+                               "model.layers_per_block=1"])
+    fpi = flops_per_image(cfg.model).train
+    assert p.flops_per_image == fpi and p.train_flops == fpi * 6400
+    f = by_name["c32-b2-l1-flops3e11-s0"]
+    assert f.steps == round(3.0e11 / (fpi * 64))
+    # the trainer's own config of the point: the budget, seed, warmup, measurement and resume settings, last
+    cfg = load_config(f.argv[0], f.argv[1:])
+    assert (cfg.train.steps, cfg.train.seed, cfg.schedule.warmup_steps) == (f.steps, 0, int(0.1 * f.steps))
+    assert (cfg.train.noise, cfg.train.precision, cfg.eval.max_images, cfg.train.resume) == ("uniform", "fp32", 0,
+                                                                                           "auto")
+    assert cfg.train.run_dir == str(tmp_path / "points" / f.name)
+    # smallest model first, then budget, then seed
+    assert [q.params_total for q in points] == sorted(q.params_total for q in points)
+
+
+def test_parameter_counts_leave_out_the_positional_and_class_embeddings():
+    cfg = load_config(DIGITS, ["model.channels=48", "model.head_dim=16"])
+    total, no_embed = parameter_counts(cfg.model)
+    model = TarFlow(cfg.model)
+    assert total == num_parameters(model) == sum(p.numel() for p in model.parameters())
+    m = cfg.model
+    assert total - no_embed == m.num_blocks * (m.num_patches + m.num_classes) * m.channels
+    assert no_embed == num_parameters(model, exclude_embeddings=True)
+
+
+def test_a_point_whose_config_is_invalid_carries_the_trainers_message(tmp_path):
+    s = study_from_dict(spec(sizes=[{"name": "ok", "channels": 32, "head_dim": 16},
+                                    {"name": "bad", "channels": 24, "head_dim": 16}]))
+    points = {p.size: p for p in plan_study(s, tmp_path)}
+    assert points["ok"].error == ""
+    assert "bad" in points["bad"].error and "multiple of head_dim" in points["bad"].error
+
+
+def test_a_study_file_loads_and_its_config_is_found_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "s.yaml"
+    path.write_text(textwrap.dedent("""
+        name: from_file
+        config: configs/digits.yaml
+        sizes: {channels: [16, 32], head_dim: 16}
+        budgets: {images: 1.0e+4}
+        seeds: 3
+    """))
+    s = load_study(path)
+    assert s.seeds == [3] and budget_name(s.budgets[0]) == "images10000"
+    assert [p.name for p in plan_study(s, tmp_path / "d")] == ["c16-images10000-s3", "c32-images10000-s3"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sizes": {"chanels": [16]}}, "unknown key 'sizes.chanels'; did you mean 'sizes.channels'?"),
+    ({"budget": [{"steps": 3}]}, "unknown key 'budget'; did you mean 'budgets'?"),
+    ({"run": {"were": "local"}}, "unknown key 'run.were'; did you mean 'run.where'?"),
+    ({"run": {"where": "cloud"}}, "run.where: must be one of local, slurm, k8s, got 'cloud'"),
+    ({"run": {"where": "k8s"}}, "run.k8s.image: run.where=k8s needs a container image"),
+    ({"budgets": [{"steps": 10, "images": 100}]}, "budgets[0]: give exactly one of steps, images or flops"),
+    ({"budgets": [{"steps": 0}]}, "budgets[0].steps: must be > 0"),
+    ({"budgets": [{"steps": 10}, {"steps": 10}]}, "budgets[1]: duplicate budget steps=10"),
+    ({"budgets": [{"stepz": 10}]}, "unknown key 'budgets[0].stepz'; did you mean 'budgets[0].steps'?"),
+    ({"sizes": {"channels": ["wide"]}}, "sizes.channels"),
+    ({"sizes": []}, "sizes: the list of named sizes is empty"),
+    ({"sizes": [{"channels": 16}]}, "sizes[0].name: every named size needs a name"),
+    ({"sizes": [{"name": "a", "channels": 16}, {"name": "a", "channels": 32}]}, "duplicate size names: ['a']"),
+    ({"sizes": 16}, "sizes must be a grid mapping or a list of named sizes"),
+    ({"seeds": [0, 0]}, "seeds: has duplicates"),
+    ({"name": "a b"}, "name: give the study a name"),
+    ({"overrides": ["train.noise=gaussian"]},
+     "every point runs with train.noise=uniform; remove 'train.noise=gaussian'"),
+    ({"overrides": ["train.precision=bf16"]}, "train.precision=fp32"),
+    ({"overrides": ["eval.max_images=50"]}, "eval.max_images=0"),
+    ({"overrides": ["train.steps=5"]}, "train.steps is set per point by budgets:"),
+    ({"overrides": ["train.run_dir=x"]}, "train.run_dir is set per point"),
+    ({"overrides": ["lr"]}, "overrides[0]: must look like key=value"),
+    ({"fit": {"x": "flops"}}, "fit.x: must be one of params_no_embed, params_total"),
+    ({"config": "nope/missing.yaml"}, "config: nope/missing.yaml not found"),
+])
+def test_spec_errors_name_the_key(change, message, tmp_path):
+    with pytest.raises(StudyError) as e:
+        plan_study(study_from_dict(spec(**change), source="s.yaml"), tmp_path)
+    assert message in str(e.value) and str(e.value).startswith("s.yaml: ")
+
+
+def test_missing_sizes_and_bad_base_overrides_are_clear(tmp_path):
+    with pytest.raises(StudyError, match="'sizes' is missing"):
+        study_from_dict({"name": "t"})
+    with pytest.raises(StudyError, match=r"the base config .* is invalid: unknown config key 'optim.lrr'"):
+        plan_study(study_from_dict(spec(overrides=["optim.lrr=1"])), tmp_path)
+    with pytest.raises(StudyError, match="does not exist"):
+        load_study(tmp_path / "nope.yaml")
