@@ -62,7 +62,7 @@ def main() -> None:
                 Bucket="bench", Prefix=f"{case}/step-{args.steps:08d}/")["Contents"])
             blocked = sum(r["checkpoint/blocked_seconds"] for r in saves) / len(saves)
             total = sum(r["checkpoint/save_seconds"] for r in saves) / len(saves)
-            rows.append((case, params, size, len(saves), blocked, total))
+            rows.append((case, int(params), size, len(saves), blocked, total))
     server.stop()
     print(f"checkpoint saves to S3 (moto on loopback), model channels={args.channels}; means over the saves of a run")
     print(f"{'strategy':<10}{'params':>10}{'MB/ckpt':>9}{'saves':>7}{'blocked s':>11}{'total s':>9}{'blocked/total':>15}")
