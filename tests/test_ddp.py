@@ -156,3 +156,19 @@ def test_hybrid_sharding_replicates_across_nodes_and_matches_one_process(tmp_pat
     assert result["strategy"] == pytest.approx(result["single"], rel=1e-5)
     assert result["max_rel_param"] < 1e-5 and result["sample_diff"] < 1e-5
     assert result["state_bytes"] == result["replica_bytes"]
+
+
+def test_the_deepspeed_launcher_runs_the_same_entry_point_as_torchrun(tmp_path):
+    """`deepspeed --module trainer.cli train ...` (it appends --local_rank=N) trains exactly like torchrun."""
+    overrides = [*TINY, "train.strategy=deepspeed", "deepspeed.stage=2", "train.steps=4", "eval.at_start=false"]
+    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'torchrun'}", *overrides])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    launcher = Path(sys.executable).with_name("deepspeed")
+    result = subprocess.run([str(launcher), "--num_accelerators=2", f"--master_port={free_port()}", "--module",
+                             "trainer.cli", "train", f"train.run_dir={tmp_path / 'launcher'}", *overrides],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    a = model_state(tmp_path / "torchrun" / "checkpoints" / "step-00000004")
+    b = model_state(tmp_path / "launcher" / "checkpoints" / "step-00000004")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

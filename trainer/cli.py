@@ -340,8 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher (and torch.distributed.launch) append ``--local_rank=N``; LOCAL_RANK in the environment
+    says the same, and cluster.env reads that."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_without_local_rank(sys.argv[1:] if argv is None else argv))
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, ValueError, DataSourceError, StoreError, ImportError) as e:
