@@ -10,7 +10,7 @@ from importlib import import_module
 _EXPORTS = {
     "Frontier": "fit", "Points": "fit", "ScalingFit": "fit", "compute_frontier": "fit", "fit_scaling_law": "fit",
     "PointResult": "results", "format_table": "results", "markdown_table": "results", "read_csv": "results",
-    "to_points": "results", "write_csv": "results",
+    "to_points": "results", "write_csv": "results", "GridRow": "results", "grid_summary": "results",
 }
 
 __all__ = list(_EXPORTS)

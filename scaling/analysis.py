@@ -5,7 +5,11 @@ What is fitted depends on what the study varied:
 - sizes only: L(N) over all points;
 - budgets only (one size): L(C) over all points, C = training FLOPs;
 - both: L(N) for every budget that has at least 3 sizes, the compute frontier (best size per compute level) and L(C)
-  on the frontier.
+  on the frontier;
+- a ``grid`` (e.g. ``train.noise_std``): the above within each combination of grid values (keys suffixed with it,
+  "L(N) noise_std=0.1"), and in any case the held-out bits/dim (and FID) per grid value, mean and spread over seeds
+  (``fit.json``'s ``grid``), plotted against the grid value (``grid_<key>.png``; log x when the values span more than
+  10×). With one size and one budget only the latter is made.
 
 N is ``fit.x`` of the study (parameters without embeddings by default). Fits and their bootstrap intervals come from
 ``scaling.fit``; a fit that cannot be made (fewer than 3 distinct x, say) is listed under ``skipped`` with the reason.
@@ -19,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .fit import Points, ScalingFit, compute_frontier, fit_scaling_law
-from .results import PointResult, format_table, markdown_table, read_csv, to_points, write_csv
+from .results import (PLUMBING_NOTE, PointResult, format_grid_summary, format_table, grid_keys, grid_summary,
+                      markdown_table, read_csv, short_names, to_points, write_csv)
 
 RESULTS_FILE = "results.csv"
 FIT_FILE = "fit.json"
@@ -42,16 +47,13 @@ def monotone(points: Points) -> bool:
 
 def fit_study(name: str, results: list[PointResult], budget_of: dict[str, str], directory: Path, *,
               x: str = "params_no_embed", n_boot: int = 1000, confidence: float = 0.95, seed: int = 0,
-              plots_dirs: tuple[Path, ...] = ()) -> dict:
+              plots_dirs: tuple[Path, ...] = (), size_of: dict[str, str] | None = None) -> dict:
     """Fit what the study varied, write ``fit.json`` and the PNGs (into ``<directory>/plots`` and ``plots_dirs``)."""
-    from .plot import plot_fit, plot_frontier
+    from .plot import plot_fit, plot_frontier, plot_grid
 
     ok = [r for r in results if r.ok]
     if not ok:
         raise ValueError("no finished points to fit (see `tarflow scale report` for failures)")
-    budgets = sorted({budget_of.get(r.name, "") for r in ok}, key=lambda b: min(
-        r.train_steps for r in ok if budget_of.get(r.name, "") == b))
-    sizes = {r.params_total for r in ok}
     out: dict = {"study": name, "x": x, "points": {"ok": len(ok), "failed": sum(r.status == "failed" for r in results)},
                  "fits": {}, "skipped": {}, "plots": []}
     dirs = [directory / PLOTS_DIR, *plots_dirs]
@@ -63,6 +65,62 @@ def fit_study(name: str, results: list[PointResult], budget_of: dict[str, str], 
                  for i, d in enumerate(dirs)]
         out["plots"] += paths
         return paths[0]
+
+    keys = grid_keys(results)
+    shorts = dict(zip(keys, short_names(keys)))
+    groups: dict[tuple, list[PointResult]] = {}
+    for r in ok:
+        groups.setdefault(tuple((k, r.grid.get(k)) for k in keys), []).append(r)
+    varied = False
+    for combo, subset in groups.items():
+        label = " ".join(f"{shorts[k]}={_value(v)}" for k, v in combo)
+        varied |= _fit_group(name, subset, budget_of, x, kw, out, save, plot_fit, plot_frontier, label)
+    if keys:
+        rows = grid_summary(results, size_of, budget_of)
+        out["grid"] = {"keys": keys, "rows": [r.to_dict() for r in rows]}
+        plumbing = any(r.fid_plumbing for r in results)
+        if plumbing:
+            out["grid"]["fid_note"] = PLUMBING_NOTE
+        axis = _plot_axis(keys, rows)
+        short = shorts[axis]
+        out["grid"]["plot"] = save(plot_grid, _plot_name(f"grid_{short}"), rows, axis, xlabel=short,
+                                   title=f"{name}: held-out bits/dim" + (" and FID" if any(
+                                       r.fid is not None for r in rows) else "") + f" vs {short}",
+                                   fid_note="plumbing only (random network)" if plumbing else "")
+    elif not varied:
+        out["skipped"]["L(N)"] = "the study has one size and one budget: nothing to fit"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / FIT_FILE).write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def _value(v) -> str:
+    from .results import format_grid_value
+
+    return format_grid_value(v)
+
+
+def _plot_axis(keys: list[str], rows) -> str:
+    """The grid key to plot against: the first numeric one with several values, else the first with several."""
+    def values(k):
+        return {r.grid.get(k) for r in rows}
+
+    numeric = [k for k in keys if len(values(k)) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                             for v in values(k))]
+    several = [k for k in keys if len(values(k)) > 1]
+    return (numeric or several or keys)[0]
+
+
+def _fit_group(name: str, ok: list[PointResult], budget_of: dict[str, str], x: str, kw: dict, out: dict, save,
+               plot_fit, plot_frontier, label: str = "") -> bool:
+    """L(N), L(C) or the frontier of one set of points (all of them, or one combination of grid values); False when
+    they vary neither size nor budget."""
+    suffix = f" {label}" if label else ""
+    file_suffix = "_" + label.replace("=", "").replace(" ", "_") if label else ""
+    where = f" ({label})" if label else ""
+    budgets = sorted({budget_of.get(r.name, "") for r in ok}, key=lambda b: min(
+        r.train_steps for r in ok if budget_of.get(r.name, "") == b))
+    sizes = {r.params_total for r in ok}
 
     def fit_sizes(subset: list[PointResult], key: str, title: str) -> None:
         pts = to_points(subset, x)
@@ -78,43 +136,42 @@ def fit_study(name: str, results: list[PointResult], budget_of: dict[str, str], 
 
     if len(sizes) >= 2:
         if len(budgets) == 1:
-            fit_sizes(ok, "L(N)", f"{name}: held-out bits/dim vs size ({budgets[0]})")
+            fit_sizes(ok, f"L(N){suffix}", f"{name}: held-out bits/dim vs size ({budgets[0]}){where}")
         else:
             for b in budgets:
-                fit_sizes([r for r in ok if budget_of.get(r.name) == b], f"L(N) {b}", f"{name}: vs size at {b}")
+                fit_sizes([r for r in ok if budget_of.get(r.name) == b], f"L(N) {b}{suffix}",
+                          f"{name}: vs size at {b}{where}")
     if len(budgets) >= 2:
         pts = to_points(ok, "train_flops")
+        key = f"L(C){suffix}"
         if len(sizes) == 1:
             try:
                 fit = fit_scaling_law(pts, what="compute", **kw)
                 entry = fit.to_dict()
                 entry.update(symbol="C", monotone=monotone(pts), law_text=fit.law("C"))
-                entry["plot"] = save(plot_fit, "L_C.png", pts, fit, xlabel="training compute C (FLOPs)",
-                                     title=f"{name}: held-out bits/dim vs compute", symbol="C")
-                out["fits"]["L(C)"] = entry
+                entry["plot"] = save(plot_fit, f"L_C{file_suffix}.png", pts, fit,
+                                     xlabel="training compute C (FLOPs)",
+                                     title=f"{name}: held-out bits/dim vs compute{where}", symbol="C")
+                out["fits"][key] = entry
             except ValueError as e:
-                out["skipped"]["L(C)"] = str(e)
+                out["skipped"][key] = str(e)
         else:
             frontier = compute_frontier(pts)
-            out["frontier"] = frontier.to_dict()
+            out["frontier" + (f" {label}" if label else "")] = frontier.to_dict()
             fit = None
             try:
                 fit = fit_scaling_law(frontier.points, what="compute (frontier)", **kw)
                 entry = fit.to_dict()
                 entry.update(symbol="C", monotone=monotone(frontier.points), law_text=fit.law("C"),
                              on="compute-optimal frontier")
-                out["fits"]["L(C)"] = entry
+                out["fits"][key] = entry
             except ValueError as e:
-                out["skipped"]["L(C)"] = str(e)
-            path = save(plot_frontier, "frontier.png", pts, frontier, fit,
-                        title=f"{name}: held-out bits/dim vs compute, frontier")
-            if "L(C)" in out["fits"]:
-                out["fits"]["L(C)"]["plot"] = path
-    if len(sizes) < 2 and len(budgets) < 2:
-        out["skipped"]["L(N)"] = "the study has one size and one budget: nothing to fit"
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / FIT_FILE).write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
-    return out
+                out["skipped"][key] = str(e)
+            path = save(plot_frontier, f"frontier{file_suffix}.png", pts, frontier, fit,
+                        title=f"{name}: held-out bits/dim vs compute, frontier{where}")
+            if key in out["fits"]:
+                out["fits"][key]["plot"] = path
+    return len(sizes) >= 2 or len(budgets) >= 2
 
 
 def laws_text(fit: dict) -> list[str]:
@@ -133,8 +190,16 @@ def laws_text(fit: dict) -> list[str]:
     return lines
 
 
-def report_text(results: list[PointResult], fit: dict | None, pending: list[str] = (), markdown: bool = False) -> str:
+def report_text(results: list[PointResult], fit: dict | None, pending: list[str] = (), markdown: bool = False,
+                size_of: dict[str, str] | None = None, budget_of: dict[str, str] | None = None) -> str:
     parts = [markdown_table(results) if markdown else format_table(results)]
+    summary = format_grid_summary(results, size_of, budget_of, markdown=markdown, notes=False)
+    if summary:
+        keys = short_names(grid_keys(results))
+        parts.append(("**Per grid value**" if markdown else "Per grid value") +
+                     f" ({', '.join(keys)}): held-out bits/dim" + (" and FID" if any(
+                         r.fid is not None for r in results) else "") + ", mean ± standard deviation over seeds\n\n"
+                     + summary)
     if pending:
         parts.append(f"{len(pending)} point(s) not finished yet: {', '.join(pending)}")
     if fit is None:

@@ -47,9 +47,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     points = plan_study(spec, directory)
     config_text = Path(config).read_text() if config else ""
     where = spec.run.where
+    fid = None
+    if spec.fid is not None:  # missing weights fail here, before anything trains
+        from .fid_eval import prepare_fid
+
+        fid = prepare_fid(spec, directory, config)
     if args.dry_run:
         print(f"study {spec.name} → {directory}: {len(points)} point(s), run {where}")
         print(_plan_table(points))
+        if fid is not None:
+            print(fid.describe())
         if where == "slurm":
             state = runner.StudyState.load(directory)
             result = runner.submit_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
@@ -69,29 +76,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     interrupted = False
     with runner.study_lock(directory):
         state = runner.StudyState.load(directory)
+        if fid is not None:
+            from .fid_eval import catch_up, ensure_reference
+
+            _log(fid.describe())
+            ensure_reference(fid, log=_log)  # once per study; a failure stops it before anything trains
         if where == "local":
             summary = runner.run_local(points, state, max_retries=spec.run.max_retries, config_text=config_text,
-                                       retry_failed=args.retry_failed, log=_log)
+                                       retry_failed=args.retry_failed, log=_log, fid=fid)
             interrupted = summary.interrupted
             print(f"{len(points)} point(s): {len(summary.launched)} run now, {len(summary.skipped)} finished earlier "
-                  f"(skipped), {len(summary.failed)} failed")
-        elif where == "slurm":
-            if args.wait:
-                runner.wait_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
-                                  config_text=config_text, poll_s=args.poll, log=_log)
-            else:
-                runner.submit_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
-                                    retry_failed=args.retry_failed, config_text=config_text, log=_log)
+                  f"(skipped), {len(summary.failed)} failed" +
+                  (f", {len(summary.fid_failed)} FID evaluation(s) failed" if fid is not None else ""))
         else:
-            runner.submit_k8s(points, state, spec, directory, config, apply=args.apply,
-                              retry_failed=args.retry_failed, config_text=config_text, log=_log)
+            busy: set[str] = set()
+            if where == "slurm":
+                if args.wait:
+                    runner.wait_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
+                                      config_text=config_text, poll_s=args.poll, log=_log)
+                else:
+                    result = runner.submit_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
+                                                 retry_failed=args.retry_failed, config_text=config_text, log=_log)
+                    busy = set(result["submitted"]) | set(result["in_flight"])
+            else:
+                result = runner.submit_k8s(points, state, spec, directory, config, apply=args.apply,
+                                           retry_failed=args.retry_failed, config_text=config_text, log=_log)
+                busy = set(result["submitted"]) | set(result["in_flight"])
+            if fid is not None:  # the finished points' FIDs, here
+                catch_up(fid, points, state, log=_log, skip=busy)
         state.save()
     return _finish(directory, fit=not args.no_fit and not interrupted) or (130 if interrupted else 0)
 
 
-def _collect(directory: Path):
-    """(study name, results, budget of each point, pending points, the plan's spec): fresh from the run
-    directories when the directory has a plan, else from results.csv."""
+class _Collected:
+    """A study's results: fresh from the run directories when the directory has a plan, else from results.csv."""
+
+    def __init__(self, name, results, budget_of, waiting, spec, size_of=None):
+        self.name, self.results, self.budget_of, self.waiting, self.spec = name, results, budget_of, waiting, spec
+        self.size_of = size_of
+
+
+def _collect(directory: Path) -> _Collected:
     from . import runner
     from .analysis import read_results, write_results
     from .study import read_plan
@@ -99,63 +124,66 @@ def _collect(directory: Path):
     directory = Path(directory)
     if not (directory / "plan.json").is_file():
         results = read_results(directory)
-        return directory.name, results, {r.name: f"steps{r.train_steps}" for r in results}, [], {}
+        return _Collected(directory.name, results, {r.name: f"steps{r.train_steps}" for r in results}, [], {})
     plan = read_plan(directory)
     points = plan["points"]
     state = runner.StudyState.load(directory)
     for p in points:  # cluster attempts not merged yet (the state is not saved here: the driver merges for good)
         runner.merge_cluster_attempts(p, state[p.name])
-    results = runner.collect_results(points, state)
+    results = runner.collect_results(points, state, fid=bool(plan["spec"].get("fid")))
     write_results(results, directory)
-    return plan["study"], results, {p.name: p.budget for p in points}, runner.pending(points, state), plan["spec"]
+    return _Collected(plan["study"], results, {p.name: p.budget for p in points}, runner.pending(points, state),
+                      plan["spec"], {p.name: p.size for p in points})
 
 
 def _finish(directory: Path, fit: bool) -> int:
-    """results.csv; the fit when every point is finished or failed; the report. 1 if a point failed."""
+    """results.csv; the fit when every point is finished or failed; the report. 1 if a point (or its FID) failed."""
     from .analysis import report_text
 
-    name, results, budget_of, waiting, spec = _collect(directory)
+    c = _collect(directory)
     print(f"\nresults: {directory / 'results.csv'}")
     fitted = None
-    if fit and not waiting and any(r.ok for r in results):
-        fitted = _fit(directory, name, results, budget_of, spec, {})
-    elif fit and not waiting:
+    if fit and not c.waiting and any(r.ok for r in c.results):
+        fitted = _fit(directory, c, {})
+    elif fit and not c.waiting:
         print("no point finished: nothing to fit")
-    elif waiting:
-        print(f"{len(waiting)} point(s) still to finish: `tarflow scale run` again later (it skips finished points)")
+    elif c.waiting:
+        print(f"{len(c.waiting)} point(s) still to finish: `tarflow scale run` again later (it skips finished points)")
     print()
-    print(report_text(results, fitted, waiting))
-    return 1 if any(r.status == "failed" for r in results) else 0
+    print(report_text(c.results, fitted, c.waiting, size_of=c.size_of, budget_of=c.budget_of))
+    return 1 if any(r.status == "failed" or r.error for r in c.results) else 0
 
 
-def _fit(directory: Path, name: str, results, budget_of, spec: dict, overrides: dict) -> dict:
+def _fit(directory: Path, c: _Collected, overrides: dict) -> dict:
     from .analysis import fit_study, report_text
 
-    f = {**spec.get("fit", {}), **{k: v for k, v in overrides.items() if v is not None}}
-    report = spec.get("report", {})
+    f = {**c.spec.get("fit", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    report = c.spec.get("report", {})
     extra = (Path(report["plots_dir"]),) if report.get("plots_dir") else ()
-    fitted = fit_study(name, results, budget_of, directory, x=f.get("x", "params_no_embed"),
+    fitted = fit_study(c.name, c.results, c.budget_of, directory, x=f.get("x", "params_no_embed"),
                        n_boot=int(f.get("n_boot", 1000)), confidence=float(f.get("confidence", 0.95)),
-                       seed=int(f.get("seed", 0)), plots_dirs=extra)
+                       seed=int(f.get("seed", 0)), plots_dirs=extra, size_of=c.size_of)
     print(f"fit: {directory / 'fit.json'}; plots: {', '.join(fitted['plots']) or 'none'}")
     if report.get("markdown"):
         path = Path(report["markdown"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report_text(results, fitted, markdown=True) + "\n")
+        path.write_text(report_text(c.results, fitted, markdown=True, size_of=c.size_of, budget_of=c.budget_of)
+                        + "\n")
         print(f"markdown: {path}")
     return fitted
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .analysis import laws_text
+    from .analysis import format_grid_summary, laws_text
 
     directory = Path(args.study_dir)
-    name, results, budget_of, waiting, spec = _collect(directory)
-    if waiting:
-        print(f"note: {len(waiting)} point(s) not finished yet; fitting the finished ones", file=sys.stderr)
-    fitted = _fit(directory, name, results, budget_of, spec,
-                  {"x": args.x, "n_boot": args.n_boot, "confidence": args.confidence, "seed": args.seed})
-    print("\n".join(laws_text(fitted)))
+    c = _collect(directory)
+    if c.waiting:
+        print(f"note: {len(c.waiting)} point(s) not finished yet; fitting the finished ones", file=sys.stderr)
+    fitted = _fit(directory, c, {"x": args.x, "n_boot": args.n_boot, "confidence": args.confidence,
+                                 "seed": args.seed})
+    summary = format_grid_summary(c.results, c.size_of, c.budget_of)
+    print("\n\n".join(part for part in ("\n".join(laws_text(fitted)), summary) if part))
     return 0
 
 
@@ -163,15 +191,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .analysis import FIT_FILE, report_text
 
     directory = Path(args.study_dir)
-    _, results, _, waiting, _ = _collect(directory)
+    c = _collect(directory)
     path = directory / FIT_FILE
     fitted = json.loads(path.read_text()) if path.is_file() else None
-    print(report_text(results, fitted, waiting, markdown=args.markdown))
+    print(report_text(c.results, fitted, c.waiting, markdown=args.markdown, size_of=c.size_of,
+                      budget_of=c.budget_of))
     return 0
 
 
 def add_scale_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("scale", help="scaling studies: run a grid of sizes and budgets, fit L(N) and L(C)")
+    p = subparsers.add_parser("scale", help="scaling studies: run a grid of sizes, budgets (and any config keys), "
+                                            "fit L(N) and L(C), FID per point")
     sub = p.add_subparsers(dest="scale_command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) a study: every unfinished point, then fit and report",

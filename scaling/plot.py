@@ -124,3 +124,64 @@ def _save(fig: Figure, path: str | Path) -> Path:
     # No bbox_inches="tight": the PNG keeps exactly figsize × dpi pixels, which the README layout relies on.
     fig.savefig(path, format="png")
     return path
+
+
+def plot_grid(rows, key: str, path: str | Path, xlabel: str = "", title: str = "", *, fid_note: str = "",
+              figsize: tuple[float, float] | None = None, dpi: int = DPI) -> Path:
+    """Held-out bits/dim (and FID, in a second panel, when any row has one) against the grid value of ``key``: the
+    mean over seeds with an error bar of ± one standard deviation, one line per (size, budget, other grid values).
+    ``rows`` are ``scaling.results.GridRow``. Numeric values on a log axis when they span more than 10×; other
+    values (strings, booleans) as categories in the order given. Writes a PNG."""
+    values = list(dict.fromkeys(r.grid.get(key) for r in rows))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if numeric:
+        values = sorted(values)
+        position = {v: float(v) for v in values}
+        log_x = min(values) > 0 and max(values) / min(values) > 10
+    else:
+        position = {v: float(i) for i, v in enumerate(values)}
+        log_x = False
+    panels = [("bits_per_dim", "held-out bits/dim")]
+    if any(r.fid is not None for r in rows):
+        panels.append(("fid", "FID" + (f"\n({fid_note})" if fid_note else "")))
+    if figsize is None:
+        figsize = (FIGSIZE[0] * (1 if len(panels) == 1 else 1.7), FIGSIZE[1] * 0.85)
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    series: dict[tuple, list] = {}
+    for r in rows:
+        other = tuple((k, v) for k, v in r.grid.items() if k != key)
+        series.setdefault((r.size, r.budget, other), []).append(r)
+    sizes = len({s[0] for s in series}) > 1
+    budgets = len({s[1] for s in series}) > 1
+    for i, (field, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        if log_x:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+        for j, ((size, budget, other), rs) in enumerate(series.items()):
+            rs = sorted(rs, key=lambda r: position[r.grid.get(key)])
+            pts = [(position[r.grid.get(key)], getattr(r, field), getattr(r, f"{field}_std"),
+                    getattr(r, "fid_n", 1) if field == "fid" else len(r.seeds)) for r in rs]
+            pts = [p for p in pts if p[1] is not None]
+            if not pts:
+                continue
+            xs, ys, sd, n = zip(*pts)
+            label = ", ".join([*([f"N = {format_count(rs[0].params_total)}"] if sizes else []),
+                               *([budget] if budgets else []), *[f"{k.rsplit('.', 1)[-1]}={v}" for k, v in other]])
+            seeds = max(n)
+            label = (label + ", " if label else "") + f"mean of {seeds} seed{'s' if seeds > 1 else ''}"
+            ax.errorbar(xs, ys, yerr=[0.0 if s is None else s for s in sd], fmt="o-", color=f"C{j % 10}",
+                        capsize=3, markersize=4, linewidth=1.2, label=label + (" ± sd" if seeds > 1 else ""))
+        if not numeric:
+            ax.set_xticks([position[v] for v in values], [str(v) for v in values])
+        else:
+            ax.set_xticks(values, [_plain(v) for v in values])
+            ax.minorticks_off()
+        ax.set_xlabel(xlabel or key)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -1,12 +1,16 @@
-"""Per-point results of a scaling study: the record, its CSV form, and text/markdown tables."""
+"""Per-point results of a scaling study: the record, its CSV form, and text/markdown tables.
+
+CSV columns: the fixed fields of :class:`PointResult` (``fid`` and ``fid_network`` optional: files written before
+they existed still read), then one column per grid key of the study (``train.noise_std``: a dotted config key).
+"""
 
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -17,8 +21,11 @@ STATUSES = ("ok", "failed")
 
 @dataclass
 class PointResult:
-    """One point of a study (one model size × budget × seed). ``bits_per_dim`` is the final held-out bits/dim, None
-    for a failed point; ``attempts`` counts runs including retries; ``error`` is the last failure's message."""
+    """One point of a study (one model size × budget × grid values × seed). ``bits_per_dim`` is the final held-out
+    bits/dim, None for a failed point; ``attempts`` counts runs including retries; ``error`` is the last failure's
+    message (for a finished point whose FID evaluation failed: that). ``fid`` is the point's FID when the study
+    asks for one, and ``fid_network`` the network it came from (``tiny-random...``: a random stand-in, not an FID);
+    ``grid`` the study's grid values of this point (config key → value)."""
 
     name: str
     params_total: int
@@ -32,6 +39,9 @@ class PointResult:
     status: str = "ok"
     attempts: int = 1
     error: str = ""
+    fid: float | None = None
+    fid_network: str = ""
+    grid: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -41,16 +51,42 @@ class PointResult:
     def ok(self) -> bool:
         return self.status == "ok" and self.bits_per_dim is not None and math.isfinite(self.bits_per_dim)
 
+    @property
+    def fid_ok(self) -> bool:
+        return self.ok and self.fid is not None and math.isfinite(self.fid)
+
+    @property
+    def fid_plumbing(self) -> bool:
+        """The FID came from the random stand-in network (``--inception tiny-random``): plumbing, not a result."""
+        return self.fid_network.startswith("tiny-random")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PointResult:
-        """Accepts both typed values and the strings a CSV reader gives back."""
-        return cls(**{name: _CONVERT[name](d[name]) for name in _COLUMNS if name in d})
+        """Accepts both typed values and the strings a CSV reader gives back; grid values either as ``grid`` or as
+        dotted keys (CSV columns)."""
+        grid = dict(d["grid"]) if isinstance(d.get("grid"), dict) else {
+            k: parse_scalar(v) for k, v in d.items() if isinstance(k, str) and "." in k}
+        return cls(**{name: _CONVERT[name](d[name]) for name in _COLUMNS if name in d}, grid=grid)
 
 
-_COLUMNS = [f.name for f in fields(PointResult)]
+_COLUMNS = [f.name for f in fields(PointResult) if f.name != "grid"]
+_OPTIONAL = {"fid", "fid_network"}  # added later: older results.csv files lack them
+
+
+def parse_scalar(v: Any) -> Any:
+    """A grid value read back from CSV: int, float, bool or string (as written: ints without a point, floats with
+    repr, booleans as true/false)."""
+    if not isinstance(v, str):
+        return v
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
 
 
 def _int(v) -> int:
@@ -68,39 +104,63 @@ def _optional_float(v) -> float | None:
 _CONVERT = {
     "name": str, "params_total": _int, "params_no_embed": _int, "train_flops": _float, "train_steps": _int,
     "images_seen": _int, "seed": _int, "bits_per_dim": _optional_float, "wall_seconds": _float, "status": str,
-    "attempts": _int, "error": lambda v: "" if v is None else str(v),
+    "attempts": _int, "error": lambda v: "" if v is None else str(v), "fid": _optional_float,
+    "fid_network": lambda v: "" if v is None else str(v),
 }
 
 
+def grid_keys(results: Iterable[PointResult]) -> list[str]:
+    """The grid's config keys, in the order the results first name them."""
+    return list(dict.fromkeys(k for r in results for k in r.grid))
+
+
+def _cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v) if isinstance(v, float) else v
+
+
 def write_csv(results: Iterable[PointResult], path: str | Path) -> None:
-    """Floats are written with repr (shortest exact round-trip form), None as an empty cell."""
+    """Floats are written with repr (shortest exact round-trip form), None as an empty cell; a column per grid key."""
+    results = list(results)
+    keys = grid_keys(results)
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=_COLUMNS + keys)
         writer.writeheader()
         for r in results:
             row = r.to_dict()
-            row = {k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()}
-            writer.writerow(row)
+            grid = row.pop("grid")
+            row.update({k: grid.get(k) for k in keys})
+            writer.writerow({k: _cell(v) for k, v in row.items()})
 
 
 def read_csv(path: str | Path) -> list[PointResult]:
+    """Also files without the optional columns (``fid``, ``fid_network``: written before FID was recorded)."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = set(_COLUMNS) - set(reader.fieldnames or [])
+        missing = set(_COLUMNS) - _OPTIONAL - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-        return [PointResult.from_dict(row) for row in reader]
+        return [PointResult.from_dict({k: v for k, v in row.items() if not (k and "." in k and v == "")})
+                for row in reader]
+
+
+def _grid_order(grid: dict) -> tuple:
+    return tuple((0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
+                 for v in grid.values())
 
 
 def sort_key(r: PointResult) -> tuple:
-    # By size, then budget (FLOPs; steps and images break ties between equal-FLOP budgets), then seed.
-    return (r.params_total, r.train_flops, r.train_steps, r.images_seen, r.seed, r.name)
+    # By size, then budget (FLOPs; steps and images break ties between equal-FLOP budgets), grid values, then seed.
+    return (r.params_total, r.train_flops, r.train_steps, r.images_seen, _grid_order(r.grid), r.seed, r.name)
 
 
 def to_points(results: Iterable[PointResult], x: str = "params_total") -> Points:
     """The successful points as (x, bits/dim) for fitting; ``x`` is a numeric field, e.g. "params_total",
     "params_no_embed" or "train_flops". Failed points are left out."""
-    if x not in _CONVERT or x in ("name", "status", "error", "bits_per_dim"):
+    if x not in _CONVERT or x in ("name", "status", "error", "bits_per_dim", "fid", "fid_network"):
         raise ValueError(f"x must be a numeric field of PointResult; got {x!r}")
     ok = [r for r in results if r.ok]
     return Points(x=np.array([getattr(r, x) for r in ok], dtype=float),
@@ -126,46 +186,204 @@ def _wall(seconds: float) -> str:
 
 
 _HEADERS = ("point", "params", "non-emb", "FLOPs", "steps", "images", "seed", "bits/dim", "wall", "status", "tries")
+PLUMBING_NOTE = ("FID: plumbing only (random network): `inception: tiny-random` is a random stand-in for the FID "
+                 "Inception, so these are not FIDs; real FIDs need the FID Inception weights "
+                 "(pt_inception-2015-12-05-6726825d.pth)")
+
+
+def format_grid_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def short_names(keys: Sequence[str]) -> list[str]:
+    """Column headers of grid keys: the last part (noise_std), or all of it when two keys end alike."""
+    lasts = [k.rsplit(".", 1)[-1] for k in keys]
+    return [last if lasts.count(last) == 1 else k for k, last in zip(keys, lasts)]
+
+
+def has_fid(results: Sequence[PointResult]) -> bool:
+    return any(r.fid is not None or r.fid_network for r in results)
+
+
+def fid_header(results: Sequence[PointResult]) -> str:
+    return "FID†" if any(r.fid_plumbing for r in results) else "FID"
+
+
+def _headers(results: Sequence[PointResult]) -> tuple[str, ...]:
+    keys = grid_keys(results)
+    h = list(_HEADERS)
+    h[6:6] = short_names(keys)  # the grid values before the seed
+    if has_fid(results):
+        h.insert(h.index("bits/dim") + 1, fid_header(results))
+    return tuple(h)
 
 
 def _rows(results: Sequence[PointResult]) -> list[tuple[str, ...]]:
+    keys = grid_keys(results)
+    fid = has_fid(results)
     rows = []
     for r in sorted(results, key=sort_key):
         bpd = f"{r.bits_per_dim:.4f}" if r.ok else "—"
-        rows.append((r.name, format_count(r.params_total), format_count(r.params_no_embed), f"{r.train_flops:.3g}",
-                     str(r.train_steps), format_count(r.images_seen), str(r.seed), bpd, _wall(r.wall_seconds),
-                     r.status, str(r.attempts)))
+        row = [r.name, format_count(r.params_total), format_count(r.params_no_embed), f"{r.train_flops:.3g}",
+               str(r.train_steps), format_count(r.images_seen),
+               *[format_grid_value(r.grid[k]) if k in r.grid else "" for k in keys], str(r.seed), bpd]
+        if fid:
+            row.append(f"{r.fid:.4g}" if r.fid_ok else "—")
+        row += [_wall(r.wall_seconds), r.status, str(r.attempts)]
+        rows.append(tuple(row))
     return rows
 
 
 def _failures(results: Sequence[PointResult]) -> list[str]:
-    return [f"{r.name}: failed after {r.attempts} attempt(s): {r.error.strip() or 'no message'}"
-            for r in sorted(results, key=sort_key) if r.status == "failed"]
+    out = []
+    for r in sorted(results, key=sort_key):
+        if r.status == "failed":
+            out.append(f"{r.name}: failed after {r.attempts} attempt(s): {r.error.strip() or 'no message'}")
+        elif r.error:
+            out.append(f"{r.name}: {r.error.strip()}")  # finished, but its FID evaluation failed
+    return out
 
 
-def format_table(results: Sequence[PointResult]) -> str:
-    """A fixed-width text table, sorted by size, budget, seed; failed points' errors are listed below it."""
-    rows = [_HEADERS] + _rows(results)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
-    # The name column is left-aligned, the numbers right-aligned so that digits line up.
+def _notes(results: Sequence[PointResult]) -> list[str]:
+    return [f"† {PLUMBING_NOTE}"] if any(r.fid_plumbing for r in results) else []
+
+
+def _text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    # The first column is left-aligned, the numbers right-aligned so that digits line up.
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    failures = _failures(results)
-    if failures:
-        lines += [""] + failures
+    return lines
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def _md_table(rows: list[tuple[str, ...]], left: Sequence[str] = ()) -> list[str]:
+    headers = rows[0]
+    align = ["---" if h in left else "---:" for h in headers]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows[1:]]
+    return lines
+
+
+def format_table(results: Sequence[PointResult]) -> str:
+    """A fixed-width text table, sorted by size, budget, grid values, seed; failed points' errors are listed below
+    it, and what the FID column is when it is not an FID."""
+    lines = _text_table([_headers(results)] + _rows(results))
+    extra = _failures(results) + _notes(results)
+    if extra:
+        lines += [""] + extra
     return "\n".join(lines)
 
 
 def markdown_table(results: Sequence[PointResult]) -> str:
     """The same table as GitHub markdown, for the README."""
-    def cell(s: str) -> str:
-        return s.replace("|", "\\|")
-
-    align = ["---" if h in ("point", "status") else "---:" for h in _HEADERS]
-    lines = ["| " + " | ".join(_HEADERS) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in _rows(results)]
+    lines = _md_table([_headers(results)] + _rows(results), left=("point", "status"))
     failures = _failures(results)
     if failures:
-        lines += [""] + [f"- {cell(' '.join(f.split()))}" for f in failures]
+        lines += [""] + [f"- {_md_cell(' '.join(f.split()))}" for f in failures]
+    notes = _notes(results)
+    if notes:
+        lines += [""] + notes
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- per grid value: means over seeds
+@dataclass
+class GridRow:
+    """The points of one (size, budget, grid values) over their seeds: mean and spread (sample standard deviation
+    over seeds, None with one seed; min and max) of bits/dim and of FID."""
+
+    grid: dict
+    size: str
+    params_total: int
+    budget: str
+    seeds: list
+    bits_per_dim: float | None
+    bits_per_dim_std: float | None
+    bits_per_dim_min: float | None
+    bits_per_dim_max: float | None
+    fid: float | None = None
+    fid_std: float | None = None
+    fid_n: int = 0
+    failed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _spread(values: list[float]) -> tuple[float | None, float | None, float | None, float | None]:
+    if not values:
+        return None, None, None, None
+    a = np.asarray(values, dtype=float)
+    std = float(a.std(ddof=1)) if len(a) > 1 else None
+    return float(a.mean()), std, float(a.min()), float(a.max())
+
+
+def grid_summary(results: Sequence[PointResult], size_of: dict[str, str] | None = None,
+                 budget_of: dict[str, str] | None = None) -> list[GridRow]:
+    """One row per (size, budget, grid values), in the results' order; seeds averaged."""
+    groups: dict[tuple, list[PointResult]] = {}
+    for r in sorted(results, key=sort_key):
+        size = (size_of or {}).get(r.name, format_count(r.params_total))
+        budget = (budget_of or {}).get(r.name, f"steps{r.train_steps}")
+        key = (size, r.params_total, budget, tuple(r.grid.items()))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (size, params, budget, grid), rs in groups.items():
+        ok = [r for r in rs if r.ok]
+        mean, std, lo, hi = _spread([r.bits_per_dim for r in ok])
+        fids = [r.fid for r in ok if r.fid_ok]
+        fmean, fstd, _, _ = _spread(fids)
+        rows.append(GridRow(grid=dict(grid), size=size, params_total=params, budget=budget,
+                            seeds=[r.seed for r in ok], bits_per_dim=mean, bits_per_dim_std=std,
+                            bits_per_dim_min=lo, bits_per_dim_max=hi, fid=fmean, fid_std=fstd, fid_n=len(fids),
+                            failed=len(rs) - len(ok)))
+    return rows
+
+
+def _pm(mean: float | None, std: float | None, digits: str) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:{digits}}" + (f" ± {std:{digits}}" if std is not None else "")
+
+
+def _summary_rows(rows: Sequence[GridRow], fid: bool, plumbing: bool) -> list[tuple[str, ...]]:
+    keys = list(dict.fromkeys(k for r in rows for k in r.grid))
+    sizes = len({r.size for r in rows}) > 1
+    budgets = len({r.budget for r in rows}) > 1
+    header = [*short_names(keys), *(["size"] if sizes else []), *(["budget"] if budgets else []), "seeds",
+              "bits/dim (mean ± sd)", "min", "max"]
+    if fid:
+        header.append(("FID†" if plumbing else "FID") + " (mean ± sd)")
+    out = [tuple(header)]
+    for r in rows:
+        row = [*[format_grid_value(r.grid[k]) if k in r.grid else "" for k in keys], *([r.size] if sizes else []),
+               *([r.budget] if budgets else []), str(len(r.seeds)) + (f" (+{r.failed} failed)" if r.failed else ""),
+               _pm(r.bits_per_dim, r.bits_per_dim_std, ".4f"),
+               "—" if r.bits_per_dim_min is None else f"{r.bits_per_dim_min:.4f}",
+               "—" if r.bits_per_dim_max is None else f"{r.bits_per_dim_max:.4f}"]
+        if fid:
+            row.append(_pm(r.fid, r.fid_std, ".4g"))
+        out.append(tuple(row))
+    return out
+
+
+def format_grid_summary(results: Sequence[PointResult], size_of: dict[str, str] | None = None,
+                        budget_of: dict[str, str] | None = None, markdown: bool = False, notes: bool = True) -> str:
+    """Held-out bits/dim (and FID) per grid value, mean ± standard deviation over seeds; "" without a grid.
+    ``notes``: say below it what a † FID column is (off when the per-point table above says it)."""
+    if not grid_keys(results):
+        return ""
+    rows = _summary_rows(grid_summary(results, size_of, budget_of), has_fid(results),
+                         any(r.fid_plumbing for r in results))
+    lines = _md_table(rows) if markdown else _text_table(rows)
+    extra = _notes(results) if notes else []
+    return "\n".join(lines + ([""] + extra if extra else []))

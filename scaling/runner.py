@@ -61,6 +61,8 @@ class PointState:
     job: dict = field(default_factory=dict)    # cluster: {"kind", "id", "task"} of the submission in flight
     merged_attempts: int = 0         # cluster attempt records already merged
     history: list = field(default_factory=list)
+    fid_error: str = ""              # the last FID evaluation's failure ("" when it succeeded or never ran)
+    fid_seconds: float = 0.0         # summed over FID evaluations
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -166,6 +168,7 @@ class LocalRunSummary:
     launched: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    fid_failed: list[str] = field(default_factory=list)
     interrupted: bool = False
 
 
@@ -202,10 +205,21 @@ def _main_thread() -> bool:
 
 def run_local(points: list[Point], state: StudyState, *, max_retries: int, config_text: str = "",
               retry_failed: bool = False, command: list[str] | None = None, env: dict | None = None,
-              log: Log = print) -> LocalRunSummary:
-    """Run the unfinished points one after another in subprocesses; the state is saved after every attempt."""
+              log: Log = print, fid=None) -> LocalRunSummary:
+    """Run the unfinished points one after another in subprocesses; the state is saved after every attempt. With
+    ``fid`` (a ``scaling.fid_eval.FidPlan``), every finished point's FID is evaluated right after it trains (or,
+    for a point finished earlier, when it has no current FID)."""
     command = command or trainer_command()
     out = LocalRunSummary()
+
+    def evaluate_fid(point: Point, st: PointState) -> None:
+        from .fid_eval import run_fid
+
+        if fid is not None and not stop.requested:
+            if not run_fid(fid, point, st, log, stop) and not stop.requested:
+                out.fid_failed.append(point.name)
+            state.save()
+
     with _Stop() as stop:
         for point in points:
             if stop.requested:
@@ -220,6 +234,7 @@ def run_local(points: list[Point], state: StudyState, *, max_retries: int, confi
             if finished(point):
                 _mark_finished(point, st, config_text, log)
                 out.skipped.append(point.name)
+                evaluate_fid(point, st)
                 continue
             if st.status == "failed" and st.failures > max_retries and not retry_failed:
                 log(f"[{point.name}] failed {st.failures} time(s), retries used up: not run again "
@@ -236,6 +251,10 @@ def run_local(points: list[Point], state: StudyState, *, max_retries: int, confi
                 break
             if not ok:
                 out.failed.append(point.name)
+            else:
+                evaluate_fid(point, st)
+        if stop.requested:
+            out.interrupted = True
     return out
 
 
@@ -578,9 +597,12 @@ def _metrics_model_record(run_dir: Path) -> dict:
     return found
 
 
-def collect_results(points: list[Point], state: StudyState) -> list[PointResult]:
+def collect_results(points: list[Point], state: StudyState, fid: bool = False) -> list[PointResult]:
     """One ``PointResult`` per point. Parameters and FLOPs per image come from the run's own metrics when it logged
-    them (they must agree with the plan); training FLOPs = FLOPs per image × images seen (steps × global batch)."""
+    them (they must agree with the plan); training FLOPs = FLOPs per image × images seen (steps × global batch).
+    With ``fid``, each finished point's FID from ``<point>/fid/`` (its evaluation's error when it failed)."""
+    from .fid_eval import read_fid
+
     results = []
     for p in points:
         st = state[p.name]
@@ -597,17 +619,19 @@ def collect_results(points: list[Point], state: StudyState) -> list[PointResult]
         images = step * p.global_batch
         wall = st.wall_seconds or float(summary.get("seconds", 0.0))
         if done:
+            value, network = read_fid(run_dir) if fid else (None, "")
             results.append(PointResult(
                 name=p.name, params_total=p.params_total, params_no_embed=p.params_no_embed,
                 train_flops=float(fpi) * images, train_steps=step, images_seen=images, seed=p.seed,
                 bits_per_dim=float(summary["final_bits_per_dim"]), wall_seconds=wall, status="ok",
-                attempts=max(st.attempts, 1)))
+                attempts=max(st.attempts, 1), fid=value, fid_network=network, grid=dict(p.grid),
+                error=st.fid_error if fid and value is None else ""))
         elif st.status == "failed" or p.error:
             results.append(PointResult(
                 name=p.name, params_total=p.params_total, params_no_embed=p.params_no_embed,
                 train_flops=float(fpi) * images, train_steps=p.steps, images_seen=images, seed=p.seed,
                 bits_per_dim=None, wall_seconds=wall, status="failed", attempts=st.attempts,
-                error=st.error or p.error))
+                error=st.error or p.error, grid=dict(p.grid)))
     return results
 
 

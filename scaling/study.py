@@ -17,15 +17,25 @@ the exact ``key=value`` overrides it runs with, and what it costs (parameters, F
     #   - {name: big, channels: 256, overrides: [model.expansion=2]}
     budgets: [{steps: 500}, {images: 64000}, {flops: 1.0e+13}]   # default: the base config's train.steps
     seeds: [0, 1]
+    grid: {train.noise_std: [0.05, 0.1, 0.2]}                     # more axes: any config keys (every combination)
+    fid: {num_samples: 200, inception: /path/to/pt_inception.pth}  # optional: an FID per point (see FidSpec)
     run: {where: local, max_retries: 1}                            # local | slurm | k8s
 
 A budget in images is ``round(images / train.global_batch)`` steps, one in FLOPs
 ``round(flops / (train FLOPs per image × train.global_batch))`` steps, with the analytic count of ``trainer.flops``.
 
-Every point is forced to measure the same thing: ``train.noise=uniform`` (dequantisation, so the loss is bits/dim),
-``train.precision=fp32`` and ``eval.max_images=0`` (the whole held-out split); its own ``train.run_dir`` under the
-study directory, ``train.resume=auto``, its budget's ``train.steps`` and its ``train.seed``. Study overrides that
-contradict these are errors.
+Every point is forced to measure the same thing: held-out bits/dim, which the trainer always evaluates under uniform
+dequantisation, in ``train.precision=fp32`` over ``eval.max_images=0`` (the whole held-out split); its own
+``train.run_dir`` under the study directory, ``train.resume=auto``, its budget's ``train.steps`` and its
+``train.seed``. Study overrides that contradict these are errors. The *training* corruption is ``train.noise=uniform``
+unless the study sets ``train.noise`` itself (in ``overrides`` or ``grid``: a noise-level ablation trains with
+``train.noise=gaussian`` over a grid of ``train.noise_std``; its bits/dim are still those of uniformly dequantised
+held-out data).
+
+``grid`` adds axes besides sizes × budgets × seeds: a mapping of config keys (``section.key``, or nested mappings) to
+lists of values; every combination of them is a point of every size, budget and seed, named
+``<size>-<budget>-<key><value>...-s<seed>`` (the key's last part: ``noise_std0.05``). Each value is checked with the
+trainer's own config loader before anything runs.
 """
 
 from __future__ import annotations
@@ -47,9 +57,15 @@ WHERE = ("local", "slurm", "k8s")
 FIT_X = ("params_no_embed", "params_total")
 SIZE_KEYS = ("channels", "num_blocks", "layers_per_block", "head_dim")
 BUDGET_KEYS = ("steps", "images", "flops")
-# What every point runs with, whatever the base config says: held-out bits/dim under uniform dequantisation, fp32,
-# over the whole held-out split. Appended after the study's overrides, so they win.
-MEASUREMENT = {"train.noise": "uniform", "train.precision": "fp32", "eval.max_images": "0"}
+# What every point runs with, whatever the base config says: held-out bits/dim (the trainer evaluates it under uniform
+# dequantisation whatever the training noise) in fp32, over the whole held-out split. Appended after the study's
+# overrides, so they win.
+MEASUREMENT = {"train.precision": "fp32", "eval.max_images": "0"}
+# The training corruption when the study does not choose one (overrides or grid): dequantisation, so that the
+# training loss is bits/dim too.
+DEFAULT_NOISE = ("train.noise", "uniform")
+# Grid keys that have an axis of their own.
+SIZE_CONFIG_KEYS = tuple(f"model.{k}" for k in SIZE_KEYS)
 # Keys the driver sets per point; a study sets them through sizes, budgets, seeds and the study directory.
 PER_POINT = {"train.run_dir": "the study directory (dir:)", "train.resume": "the driver (always auto)",
              "train.steps": "budgets:", "train.seed": "seeds:"}
@@ -147,6 +163,26 @@ class ReportSpec:
 
 
 @dataclass
+class FidSpec:
+    """An FID per point: after a point trains, ``tarflow eval <its checkpoint> --metric fid`` (results in
+    ``<point>/fid/``). ``inception``: the FID Inception weights (a path; "": ``$TARFLOW_INCEPTION_WEIGHTS`` or torch
+    hub's cache) or ``tiny-random[:SEED]`` (a random stand-in: plumbing only, not an FID). ``ref_stats``: a file from
+    ``tarflow eval stats``; "": computed once per study from the base config's data (``split``)."""
+
+    num_samples: int = 1000
+    inception: str = ""
+    ref_stats: str = ""
+    split: str = "train"
+    guidance: float = 0.0
+    attn_temp: float = 1.0
+    annealed: bool = False
+    denoise: bool = True
+    seed: int = 0
+    batch_size: int = 0              # samples per batch (0: the point's eval.batch_size)
+    device: str = "auto"
+
+
+@dataclass
 class StudySpec:
     name: str = ""
     dir: str = ""                    # the study directory; "": runs/scaling/<name>
@@ -158,8 +194,11 @@ class StudySpec:
     run: RunSpec = field(default_factory=RunSpec)
     fit: FitSpec = field(default_factory=FitSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    fid: Optional[FidSpec] = None
+    # config key → its values (parsed by hand: keys with dots, nested mappings flattened)
+    grid: dict = field(default_factory=dict)
     # sizes is parsed by hand (a grid mapping or a list of named sizes): see load_study
-    grid: Optional[SizeGrid] = None
+    size_grid: Optional[SizeGrid] = None
     named_sizes: List[NamedSize] = field(default_factory=list)
     source: str = ""                 # the file it came from (for messages)
 
@@ -185,7 +224,7 @@ def study_from_dict(raw: dict, source: str = "study") -> StudySpec:
         raise StudyError(f"{source}: 'sizes' is missing: give a grid (sizes: {{channels: [...], ...}}) or a list of "
                          f"named sizes (sizes: [{{name: ..., channels: ...}}, ...])")
     sizes = raw.pop("sizes")
-    for key in ("grid", "named_sizes", "source"):
+    for key in _INTERNAL:
         if key in raw:
             raise StudyError(f"{source}: unknown key '{key}'" + _hint(key, _top_keys()))
     if isinstance(raw.get("budgets"), dict):  # a single budget written as a mapping
@@ -194,13 +233,18 @@ def study_from_dict(raw: dict, source: str = "study") -> StudySpec:
         raw["seeds"] = [raw["seeds"]]
     _check_keys(raw, StudySpec, "", source, extra=("sizes",))
     budgets = raw.pop("budgets", [])  # one by one, so that an error names budgets[i]
+    grid = _parse_grid(raw.pop("grid", None), source)
+    fid = raw.pop("fid", None)
     spec = _structured(StudySpec, raw, source, "")
+    spec.grid = grid
+    if fid is not None:
+        spec.fid = _structured(FidSpec, fid, source, "fid.")
     spec.budgets = [_structured(Budget, b, source, f"budgets[{i}].") for i, b in enumerate(budgets)]
     spec.source = source
     if isinstance(sizes, dict):
         sizes = {k: ([v] if k != "head_dim" and not isinstance(v, list) else v) for k, v in sizes.items()}
         _check_keys(sizes, SizeGrid, "sizes.", source)
-        spec.grid = _structured(SizeGrid, sizes, source, "sizes.")
+        spec.size_grid = _structured(SizeGrid, sizes, source, "sizes.")
     elif isinstance(sizes, list):
         named = []
         for i, item in enumerate(sizes):
@@ -217,9 +261,47 @@ def study_from_dict(raw: dict, source: str = "study") -> StudySpec:
     return spec
 
 
+_INTERNAL = ("size_grid", "named_sizes", "source")
+_SCALAR = (int, float, str, bool)
+
+
 def _top_keys() -> list[str]:
-    return [f.name for f in dataclasses.fields(StudySpec) if f.name not in ("grid", "named_sizes", "source")] + [
-        "sizes"]
+    return [f.name for f in dataclasses.fields(StudySpec) if f.name not in _INTERNAL] + ["sizes"]
+
+
+def _parse_grid(node: Any, source: str) -> dict:
+    """``{train.noise_std: [..]}`` or ``{train: {noise_std: [..]}}`` → ``{"train.noise_std": [..]}``; a single value
+    is a list of one."""
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise StudyError(f"{source}: grid must map config keys to lists of values, e.g. "
+                         f"grid: {{train.noise_std: [0.05, 0.1]}}; got {node!r}")
+    out: dict = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            if not value:
+                raise StudyError(f"{source}: grid.{prefix}: an empty mapping")
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+            return
+        values = value if isinstance(value, list) else [value]
+        where = f"grid.{prefix}"
+        if not values:
+            raise StudyError(f"{source}: {where}: give at least one value")
+        bad = [v for v in values if not isinstance(v, _SCALAR)]
+        if bad:
+            raise StudyError(f"{source}: {where}: values must be numbers, strings or booleans, got {bad[0]!r}")
+        if len({(type(v), v) for v in values}) != len(values):
+            raise StudyError(f"{source}: {where}: has duplicates: {values}")
+        if "." not in prefix:
+            raise StudyError(f"{source}: {where}: give the full config key (section.key), e.g. train.{prefix}")
+        out[prefix] = list(values)
+
+    for key, value in node.items():
+        walk(str(key), value)
+    return out
 
 
 def _hint(key: str, valid: list[str], prefix: str = "") -> str:
@@ -231,7 +313,7 @@ def _check_keys(node: Any, schema: type, prefix: str, source: str, extra: tuple[
     """Unknown keys fail with the closest valid one, recursively through sections and lists of sections."""
     if not isinstance(node, dict):
         return
-    fields = {f.name: f for f in dataclasses.fields(schema) if f.name not in ("grid", "named_sizes", "source")}
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.name not in _INTERNAL}
     valid = list(fields) + list(extra)
     for key, value in node.items():
         if key in extra:
@@ -258,6 +340,7 @@ def _check_keys(node: Any, schema: type, prefix: str, source: str, extra: tuple[
 _SECTIONS: dict[tuple[type, str], tuple[type, bool]] = {
     (StudySpec, "run"): (RunSpec, False), (StudySpec, "fit"): (FitSpec, False),
     (StudySpec, "report"): (ReportSpec, False), (StudySpec, "budgets"): (Budget, True),
+    (StudySpec, "fid"): (FidSpec, False),
     (RunSpec, "slurm"): (SlurmSpec, False), (RunSpec, "k8s"): (K8sSpec, False),
 }
 
@@ -291,8 +374,8 @@ def _validate(spec: StudySpec) -> None:
         _require("=" in o and o.split("=", 1)[0].strip() != "", src, f"overrides[{i}]",
                  f"must look like key=value, got {o!r}")
     _check_forced(spec.overrides, src, "overrides")
-    if spec.grid is not None:
-        g = spec.grid
+    if spec.size_grid is not None:
+        g = spec.size_grid
         for key in ("channels", "num_blocks", "layers_per_block"):
             values = getattr(g, key)
             _require(all(v >= 1 for v in values), src, f"sizes.{key}", f"must be positive integers, got {values}")
@@ -339,7 +422,34 @@ def _validate(spec: StudySpec) -> None:
     _require(f.x in FIT_X, src, "fit.x", f"must be one of {', '.join(FIT_X)}, got {f.x!r}")
     _require(f.n_boot >= 0, src, "fit.n_boot", f"must be >= 0, got {f.n_boot}")
     _require(0 < f.confidence < 1, src, "fit.confidence", f"must be in (0, 1), got {f.confidence}")
+    _validate_grid(spec)
+    if spec.fid is not None:
+        d = spec.fid
+        _require(d.num_samples >= 1, src, "fid.num_samples", f"must be >= 1, got {d.num_samples}")
+        _require(d.split in ("train", "heldout"), src, "fid.split", f"must be train or heldout, got {d.split!r}")
+        _require(d.guidance >= 0 and math.isfinite(d.guidance), src, "fid.guidance", f"must be >= 0, got {d.guidance}")
+        _require(d.attn_temp > 0, src, "fid.attn_temp", f"must be > 0, got {d.attn_temp}")
+        _require(d.batch_size >= 0, src, "fid.batch_size", f"must be >= 0, got {d.batch_size}")
 
+
+def _validate_grid(spec: StudySpec) -> None:
+    src = spec.source
+    set_by_overrides = {o.split("=", 1)[0].strip() for o in spec.overrides}
+    for key in spec.grid:
+        where = f"grid.{key}"
+        _require(key not in PER_POINT, src, where, f"{key} is set per point by {PER_POINT.get(key)}")
+        _require(key not in MEASUREMENT, src, where,
+                 f"a scaling study measures held-out bits/dim in fp32 over the whole held-out split, so every point "
+                 f"runs with {key}={MEASUREMENT.get(key)}")
+        _require(key not in SIZE_CONFIG_KEYS, src, where, f"model sizes are an axis of their own: use sizes:")
+        _require(key not in set_by_overrides, src, where, f"{key} is also set in overrides: remove one of them")
+    tags: dict[str, str] = {}
+    for key, values in spec.grid.items():
+        for v in values:
+            tag = grid_tag(spec.grid, key, v)
+            _require(tag not in tags, src, f"grid.{key}", f"values {tags.get(tag)} and {v!r} give the same point name "
+                                                          f"part {tag!r}")
+            tags[tag] = repr(v)
 
 def _check_forced(overrides: list[str], source: str, where: str) -> None:
     for i, o in enumerate(overrides):
@@ -365,10 +475,10 @@ class Size:
 
 
 def expand_sizes(spec: StudySpec) -> list[Size]:
-    if spec.grid is None:
+    if spec.size_grid is None:
         return [Size(s.name, {k: getattr(s, k) for k in SIZE_KEYS if getattr(s, k) is not None}, tuple(s.overrides))
                 for s in spec.named_sizes]
-    g = spec.grid
+    g = spec.size_grid
     out = []
     for c in g.channels or [None]:
         for b in g.num_blocks or [None]:
@@ -380,6 +490,48 @@ def expand_sizes(spec: StudySpec) -> list[Size]:
                                                          ("l", "layers_per_block", l)) if v is not None]
                 out.append(Size("-".join(parts), model))
     return out
+
+
+def format_value(v: Any) -> str:
+    """A grid value as an override's right-hand side: YAML spelling of booleans, shortest exact floats."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def grid_short(grid: dict, key: str) -> str:
+    """The key's last part (``train.noise_std`` → ``noise_std``), or all of it (dots as ``_``) when another grid
+    key ends the same way."""
+    last = key.rsplit(".", 1)[-1]
+    clash = sum(k.rsplit(".", 1)[-1] == last for k in grid) > 1
+    return key.replace(".", "_") if clash else last
+
+
+def grid_tag(grid: dict, key: str, value: Any) -> str:
+    """The point-name part of one grid value: ``noise_std0.05``."""
+    v = format_value(value) if not isinstance(value, float) else f"{value:.6g}"
+    return grid_short(grid, key) + re.sub(r"[^A-Za-z0-9._-]", "-", v)
+
+
+def expand_grid(grid: dict) -> list[dict]:
+    """Every combination of the grid's values (in the order written), as {key: value}; [{}] without a grid."""
+    combos: list[dict] = [{}]
+    for key, values in grid.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
+def grid_sort_key(values: dict, grid: dict | None = None) -> tuple:
+    """Numbers in increasing order; other values (strings, booleans) in the order the grid lists them."""
+    def one(k, v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (0, float(v), "")
+        listed = (grid or {}).get(k, [])
+        return (1, float(listed.index(v)) if v in listed else math.inf, str(v))
+
+    return tuple(one(k, v) for k, v in values.items())
 
 
 def budget_name(b: Budget) -> str:
@@ -408,6 +560,7 @@ class Point:
     params_total: int = 0
     params_no_embed: int = 0         # without the positional and class embeddings
     error: str = ""
+    grid: dict = field(default_factory=dict)  # the grid's config key → this point's value
 
     @property
     def images(self) -> int:
@@ -461,29 +614,60 @@ def plan_study(spec: StudySpec, directory: str | Path | None = None) -> list[Poi
         raise StudyError(f"{spec.source}: the base config (config: {spec.config}, overrides: ...) is invalid: {e}") \
             from None
     budgets = spec.budgets or [Budget(steps=base.train.steps)]
-    points = []
+    _check_grid_values(spec, config, load_config, ConfigError)
+    measurement = _measurement(spec)
+    combos = expand_grid(spec.grid)
+    points, noises = [], set()
     for size in expand_sizes(spec):
         size_overrides = size.as_overrides()
-        sized, size_error = None, ""
-        try:
-            sized = load_config(config, spec.overrides + size_overrides + _measurement())
-        except (ConfigError, ValueError) as e:
-            size_error = f"size {size.name}: {e}"
-        for budget in budgets:
-            for seed in spec.seeds:
-                name = f"{size.name}-{budget_name(budget)}-s{seed}"
-                run_dir = root / "points" / name
-                point = Point(name=name, size=size.name, budget=budget_name(budget), seed=seed,
-                              run_dir=str(run_dir), argv=[], error=size_error)
-                if sized is not None:
-                    _fill(point, spec, config, sized, size_overrides, budget, load_config, ConfigError)
-                points.append(point)
-    points.sort(key=lambda p: (p.params_total, p.train_flops, p.steps, p.seed, p.name))
+        for combo in combos:
+            grid_overrides = [f"{k}={format_value(v)}" for k, v in combo.items()]
+            tags = "".join(f"-{grid_tag(spec.grid, k, v)}" for k, v in combo.items())
+            sized, size_error = None, ""
+            try:
+                sized = load_config(config, spec.overrides + size_overrides + grid_overrides + measurement)
+                noises.add(sized.train.noise)
+            except (ConfigError, ValueError) as e:
+                size_error = f"size {size.name}{' with ' + ' '.join(grid_overrides) if combo else ''}: {e}"
+            for budget in budgets:
+                for seed in spec.seeds:
+                    name = f"{size.name}-{budget_name(budget)}{tags}-s{seed}"
+                    run_dir = root / "points" / name
+                    point = Point(name=name, size=size.name, budget=budget_name(budget), seed=seed,
+                                  run_dir=str(run_dir), argv=[], error=size_error, grid=dict(combo))
+                    if sized is not None:
+                        _fill(point, spec, config, sized, size_overrides + grid_overrides, budget, load_config,
+                              ConfigError)
+                    points.append(point)
+    if "train.noise_std" in spec.grid and noises and "gaussian" not in noises:
+        raise StudyError(f"{spec.source}: grid.train.noise_std: every point trains with train.noise=uniform "
+                         f"(dequantisation), where noise_std does nothing; add train.noise=gaussian to overrides")
+    points.sort(key=lambda p: (p.params_total, p.train_flops, p.steps, grid_sort_key(p.grid, spec.grid), p.seed,
+                               p.name))
     return points
 
 
-def _measurement() -> list[str]:
-    return [f"{k}={v}" for k, v in MEASUREMENT.items()]
+def _sets_noise(spec: StudySpec) -> bool:
+    keys = [o.split("=", 1)[0].strip() for o in spec.overrides]
+    keys += [o.split("=", 1)[0].strip() for s in spec.named_sizes for o in s.overrides]
+    return DEFAULT_NOISE[0] in keys or DEFAULT_NOISE[0] in spec.grid
+
+
+def _measurement(spec: StudySpec) -> list[str]:
+    # The default noise first: the argv of a study that does not set train.noise is what it always was.
+    noise = [] if _sets_noise(spec) else [f"{DEFAULT_NOISE[0]}={DEFAULT_NOISE[1]}"]
+    return noise + [f"{k}={v}" for k, v in MEASUREMENT.items()]
+
+
+def _check_grid_values(spec: StudySpec, config: str | None, load_config, ConfigError) -> None:
+    """Each grid value on its own over the base config, through the trainer's loader: an unknown key or a bad value
+    fails the study before anything runs, naming grid.<key>."""
+    for key, values in spec.grid.items():
+        for v in values:
+            try:
+                load_config(config, spec.overrides + [f"{key}={format_value(v)}"])
+            except (ConfigError, ValueError) as e:
+                raise StudyError(f"{spec.source}: grid.{key}: {v!r}: {e}") from None
 
 
 def _fill(point: Point, spec: StudySpec, config: str | None, sized, size_overrides: list[str], budget: Budget,
@@ -501,7 +685,8 @@ def _fill(point: Point, spec: StudySpec, config: str | None, sized, size_overrid
     overrides = list(spec.overrides) + size_overrides + [f"train.steps={steps}"]
     if spec.warmup_fraction is not None:
         overrides.append(f"schedule.warmup_steps={int(spec.warmup_fraction * steps)}")
-    overrides += [f"train.seed={point.seed}", *_measurement(), "train.resume=auto", f"train.run_dir={point.run_dir}"]
+    overrides += [f"train.seed={point.seed}", *_measurement(spec), "train.resume=auto",
+                  f"train.run_dir={point.run_dir}"]
     point.argv = ([config] if config else []) + overrides
     point.steps, point.global_batch, point.flops_per_image = steps, gb, fpi
     try:

@@ -115,8 +115,6 @@ def test_a_study_file_loads_and_its_config_is_found_from_the_working_directory(t
     ({"sizes": 16}, "sizes must be a grid mapping or a list of named sizes"),
     ({"seeds": [0, 0]}, "seeds: has duplicates"),
     ({"name": "a b"}, "name: give the study a name"),
-    ({"overrides": ["train.noise=gaussian"]},
-     "every point runs with train.noise=uniform; remove 'train.noise=gaussian'"),
     ({"overrides": ["train.precision=bf16"]}, "train.precision=fp32"),
     ({"overrides": ["eval.max_images=50"]}, "eval.max_images=0"),
     ({"overrides": ["train.steps=5"]}, "train.steps is set per point by budgets:"),

@@ -1,0 +1,269 @@
+"""An FID per point of a study (``fid:`` in the study): checked up front, reference statistics once per study, then
+``tarflow eval <the point's checkpoint> --metric fid ...`` after the point trains.
+
+- **Up front** (before anything trains, also for ``--dry-run``): the Inception weights are resolved and loaded as
+  ``tarflow eval`` does (``trainer.inception``), so missing or wrong weights fail the study with the eval suite's own
+  message (where to get the file); a given ``ref_stats`` file must be readable and made with the same network for
+  images of the base config's shape.
+- **Reference statistics**: ``ref_stats`` as given, else ``tarflow eval stats`` over the base config's data
+  (``fid.split``, default the training images), run once by the driver into
+  ``<study dir>/fid/reference-<split>-<hash>.npz`` (the hash covers the network and the data settings, so another
+  network or data set makes another file).
+- **Per point**: a subprocess like the training run, ``<python> -m trainer.cli eval CKPT --metric fid --num-samples N
+  --ref-stats FILE --inception W --guidance G --attn-temp T [--annealed] [--denoise] --seed S --no-bpd --out
+  <point>/fid``; its output is appended to ``<point>/fid.log``. ``<point>/fid/results.json`` is the eval suite's; the
+  driver writes ``<point>/fid/request.json`` (the eval's arguments and the reference's digest) when it succeeded. A
+  point's FID is current when ``request.json`` matches what the study asks now: running the study again evaluates
+  only the points without a current FID (new points, a changed ``fid:`` section, a recomputed reference).
+- **Where**: locally right after each point trains; for SLURM and Kubernetes studies, the driver evaluates the
+  finished points that lack a current FID each time it runs (on its own machine: give ``fid.device`` and run
+  ``tarflow scale run`` where a device is, or let the local run do it).
+- A failed FID evaluation does not fail the point (its bits/dim stand): it is reported with its error line, the
+  study exits 1, and the next ``tarflow scale run`` evaluates it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .study import FidSpec, StudyError, StudySpec, _atomic_write
+
+FID_DIR = "fid"                  # <point>/fid/: the eval suite's --out
+FID_LOG = "fid.log"              # <point>/fid.log: every FID evaluation's output, appended
+REQUEST_FILE = "request.json"
+RESULTS_FILE = "results.json"
+
+Log = Callable[[str], None]
+
+
+def eval_command() -> list[str]:
+    """``tarflow eval`` with this interpreter (the same environment as the driver)."""
+    return [sys.executable, "-m", "trainer.cli", "eval"]
+
+
+@dataclass
+class FidPlan:
+    spec: FidSpec
+    inception: str                   # what --inception gets: an absolute path, or tiny-random[:SEED]
+    network: str                     # the network's identity (as the statistics files record it)
+    ref_stats: str                   # the reference statistics file (absolute)
+    data_argv: list[str] = field(default_factory=list)  # `eval stats` arguments (DATA_URI, data.*) when computed
+    command: list[str] = field(default_factory=eval_command)
+    ref_digest: str = ""             # sha1 of the reference file, once it exists
+
+    @property
+    def plumbing(self) -> bool:
+        return self.network.startswith("tiny-random")
+
+    def describe(self) -> str:
+        s = self.spec
+        what = (f"FID per point: {s.num_samples} samples, guidance {s.guidance:g}, attn temp {s.attn_temp:g}"
+                f"{', annealed' if s.annealed else ''}{', denoised' if s.denoise else ''}; network {self.network}; "
+                f"reference {self.ref_stats}" + ("" if Path(self.ref_stats).is_file() or not self.data_argv
+                                                 else f" (computed from {self.data_argv[0]}, {s.split} split)"))
+        if self.plumbing:
+            what += ". PLUMBING ONLY (random network): these are not FIDs; real FIDs need the FID Inception weights"
+        return what
+
+
+def _find(path: str, spec: StudySpec) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    candidates = [Path.cwd() / p] + ([Path(spec.source).parent / p] if spec.source else [])
+    return next((c for c in candidates if c.exists()), candidates[0]).resolve()
+
+
+def prepare_fid(spec: StudySpec, directory: Path, config: str | None) -> FidPlan:
+    """Check the weights (and a given reference) before anything trains; the eval suite's errors as they are."""
+    from trainer.config import load_config
+    from trainer.fid import check_comparable, load_stats
+    from trainer.inception import TINY_PREFIX, load_fid_inception, resolve_weights_path
+
+    s = spec.fid
+    assert s is not None
+    given = s.inception or None
+    if given and not given.startswith(TINY_PREFIX):
+        given = str(_find(given, spec))
+    weights = resolve_weights_path(given)  # InceptionWeightsError (a ValueError): says where to get the file
+    net = load_fid_inception(weights, "cpu")
+    inception = weights if weights.startswith(TINY_PREFIX) else str(Path(weights).resolve())
+    base = load_config(config, spec.overrides)
+    m = base.model
+    if s.ref_stats:
+        ref = _find(s.ref_stats, spec)
+        reference = load_stats(ref)  # FIDError: missing or unreadable, with how to make it
+        check_comparable(reference, network=net.identity, feature_dim=net.feature_dim,
+                         image_shape=(m.in_channels, m.img_size, m.img_size), where=f"fid.ref_stats {ref}")
+        return FidPlan(s, inception, net.identity, str(ref))
+    d = base.data
+    if d.format == "embedded":
+        data = [f"embedded:{d.source}", f"data.heldout_fraction={d.heldout_fraction}",
+                f"data.split_seed={d.split_seed}"]
+    else:
+        data = [d.uri, f"data.format={d.format}"]
+    data += [f"data.resize={d.resize}", f"data.crop={d.crop}"]
+    digest = hashlib.sha1(json.dumps([net.identity, data, s.split]).encode()).hexdigest()[:10]
+    ref = Path(directory) / FID_DIR / f"reference-{s.split}-{digest}.npz"
+    return FidPlan(s, inception, net.identity, str(ref), data_argv=data)
+
+
+def ensure_reference(plan: FidPlan, log: Log = print) -> None:
+    """Compute the study's reference statistics with ``tarflow eval stats`` unless they exist (given or computed
+    earlier); a failure stops the study before it trains anything."""
+    ref = Path(plan.ref_stats)
+    if not ref.is_file():
+        if not plan.data_argv:
+            raise StudyError(f"fid.ref_stats {ref} does not exist")
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f".{ref.stem}.tmp.npz")
+        argv = [*plan.command, "stats", *plan.data_argv, "--out", str(tmp), "--split", plan.spec.split,
+                "--inception", plan.inception, "--device", plan.spec.device]
+        log_path = ref.with_suffix(".log")
+        log(f"FID reference statistics: {plan.data_argv[0]} ({plan.spec.split} split) → {ref} (log: {log_path})")
+        t0 = time.perf_counter()
+        with open(log_path, "ab") as f:
+            f.write(f"\n=== {shlex.join(argv)}\n".encode())
+            f.flush()
+            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        if rc != 0 or not tmp.is_file():
+            from .runner import _tail, error_line
+
+            tail = _tail(log_path.read_text(errors="replace"))
+            raise StudyError(f"`tarflow eval stats` for the FID reference failed (exit {rc}): {error_line(tail)} "
+                             f"(log: {log_path})")
+        tmp.replace(ref)
+        log(f"FID reference statistics done in {time.perf_counter() - t0:.1f} s")
+    plan.ref_digest = hashlib.sha1(ref.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- per point
+def fid_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FID_DIR
+
+
+def fid_argv(plan: FidPlan, point) -> list[str] | None:
+    """The point's ``tarflow eval`` command line, or None when its run left no checkpoint."""
+    from .runner import read_summary
+
+    ckpt = (read_summary(point.run_dir) or {}).get("checkpoint")
+    if not ckpt:
+        return None
+    s = plan.spec
+    argv = [*plan.command, str(ckpt), "--metric", "fid", "--num-samples", str(s.num_samples), "--ref-stats",
+            plan.ref_stats, "--inception", plan.inception, "--guidance", f"{s.guidance!r}", "--attn-temp",
+            f"{s.attn_temp!r}", "--seed", str(s.seed), "--device", s.device, "--no-bpd",
+            "--out", str(fid_dir(point.run_dir))]
+    if s.annealed:
+        argv.append("--annealed")
+    if s.denoise:
+        argv.append("--denoise")
+    if s.batch_size:
+        argv += ["--batch-size", str(s.batch_size)]
+    return argv
+
+
+def _request(plan: FidPlan, argv: list[str]) -> dict:
+    return {"argv": argv[len(plan.command):], "reference_sha1": plan.ref_digest}
+
+
+def read_fid(run_dir: str | Path) -> tuple[float | None, str]:
+    """(FID, network) of the point's last successful evaluation, or (None, "")."""
+    d = fid_dir(run_dir)
+    if not (d / REQUEST_FILE).is_file():
+        return None, ""
+    try:
+        results = json.loads((d / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None, ""
+    fid = results.get("fid")
+    if not isinstance(fid, (int, float)) or not math.isfinite(fid):
+        return None, ""
+    return float(fid), str(results.get("inception", ""))
+
+
+def fid_current(plan: FidPlan, point) -> bool:
+    argv = fid_argv(plan, point)
+    if argv is None or read_fid(point.run_dir)[0] is None:
+        return False
+    try:
+        return json.loads((fid_dir(point.run_dir) / REQUEST_FILE).read_text()) == _request(plan, argv)
+    except (OSError, ValueError):
+        return False
+
+
+def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
+    """Evaluate the point's FID unless it is current; records the outcome in its state (``fid_error``)."""
+    from .runner import _read_from, _tail, error_line
+
+    if fid_current(plan, point):
+        st.fid_error = ""
+        return True
+    argv = fid_argv(plan, point)
+    if argv is None:
+        st.fid_error = f"no checkpoint in {point.run_dir}/summary.json to evaluate"
+        log(f"[{point.name}] FID not evaluated: {st.fid_error}")
+        return False
+    out = fid_dir(point.run_dir)
+    (out / REQUEST_FILE).unlink(missing_ok=True)  # what is there now no longer answers the request
+    log_path = Path(point.run_dir) / FID_LOG
+    t0 = time.perf_counter()
+    with open(log_path, "ab") as f:
+        f.write(f"\n=== {datetime_now()}: {shlex.join(argv)}\n".encode())
+        offset = f.tell()
+        f.flush()
+        child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if stop is not None:
+            stop.child = child
+        rc = child.wait()
+        if stop is not None:
+            stop.child = None
+    seconds = time.perf_counter() - t0
+    st.fid_seconds = getattr(st, "fid_seconds", 0.0) + seconds
+    fid, network = (None, "")
+    if rc == 0:
+        _atomic_write(out / REQUEST_FILE, json.dumps(_request(plan, argv), indent=2) + "\n")
+        fid, network = read_fid(point.run_dir)
+    if fid is None:
+        (out / REQUEST_FILE).unlink(missing_ok=True)
+        tail = _tail(_read_from(log_path, offset))
+        st.fid_error = f"FID evaluation failed (exit {rc}): {error_line(tail)} (log: {log_path})"
+        if stop is None or not stop.requested:
+            log(f"[{point.name}] {st.fid_error}")
+        return False
+    st.fid_error = ""
+    note = " (plumbing only: random network)" if network.startswith("tiny-random") else ""
+    log(f"[{point.name}] FID {fid:.4g}{note} over {plan.spec.num_samples} samples in {seconds:.1f} s")
+    return True
+
+
+def catch_up(plan: FidPlan, points, state, log: Log = print, skip: set[str] = frozenset()) -> list[str]:
+    """Evaluate every finished point (not in ``skip``) without a current FID; returns those that failed."""
+    from .runner import finished
+
+    failed = []
+    for p in points:
+        if p.error or p.name in skip or not finished(p):
+            continue
+        if not run_fid(plan, p, state[p.name], log):
+            failed.append(p.name)
+        state.save()
+    return failed
+
+
+def datetime_now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
