@@ -29,21 +29,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
+    from tests.local_s3 import local_s3
     from tests.test_ddp import free_port
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu"}
-    os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                           "AWS_DEFAULT_REGION")})
-    boto3.client("s3").create_bucket(Bucket="bench")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with local_s3("bench"), tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
         for case in ("single", "ddp", "fsdp", "deepspeed"):
             run_dir = Path(tmp) / case
             overrides = [f"model.channels={args.channels}", "model.head_dim=64", f"train.run_dir={run_dir}",
@@ -63,7 +55,6 @@ def main() -> None:
             blocked = sum(r["checkpoint/blocked_seconds"] for r in saves) / len(saves)
             total = sum(r["checkpoint/save_seconds"] for r in saves) / len(saves)
             rows.append((case, int(params), size, len(saves), blocked, total))
-    server.stop()
     print(f"checkpoint saves to S3 (moto on loopback), model channels={args.channels}; means over the saves of a run")
     print(f"{'strategy':<10}{'params':>10}{'MB/ckpt':>9}{'saves':>7}{'blocked s':>11}{'total s':>9}{'blocked/total':>15}")
     for case, params, size, n, blocked, total in rows:

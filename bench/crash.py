@@ -9,7 +9,6 @@ must verify and the next attempt must resume from the newest; the finished run m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -27,23 +26,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    import boto3
     import torch
-    from moto.server import ThreadedMotoServer
 
     from tests.checkpoint_helpers import model_state
     from tests.crash_harness import final_losses, run_with_kills
     from tests.fault_proxy import FaultProxy
+    from tests.local_s3 import local_s3
     from tests.test_ddp import free_port
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
-    boto3.client("s3").create_bucket(Bucket="crash")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, FaultProxy(f"http://{host}:{port}") as proxy:
+    with local_s3("crash") as url, tempfile.TemporaryDirectory() as tmp, FaultProxy(url) as proxy:
         proxy.delay_next(10**9, seconds=0.05, method="PUT")
         killed = run_with_kills(Path(tmp) / "killed", "s3://crash/killed", args.steps, args.kills, args.nproc,
                                 args.seed, window=(0.3, 3.0), free_port=free_port)
@@ -52,7 +44,6 @@ def main() -> None:
         a, b = model_state("s3://crash/straight"), model_state("s3://crash/killed")
         equal = all(torch.equal(a[k], b[k]) for k in a)
         same_losses = final_losses(Path(tmp) / "killed") == final_losses(Path(tmp) / "straight")
-    server.stop()
     print(f"{args.kills} kills of a {args.nproc}-rank run ({args.steps} steps, a checkpoint every step), "
           f"{time.perf_counter() - started:.0f} s")
     print("attempt  killed after (s)  during a save  resumed from step")

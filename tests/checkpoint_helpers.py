@@ -17,7 +17,8 @@ def steps(root) -> list[int]:
 
 def strategy_state(uri) -> dict:
     """{"model", "optimizer"} of a single/DDP checkpoint (``…/step-NNNNNNNN``, or a root: its newest), verified."""
-    manager, step = locate(str(uri))
+    manager, found = locate(str(uri))
+    step = found[-1]
     with tempfile.TemporaryDirectory() as tmp:
         restored = manager.restore(step, Path(tmp))
         assert restored is not None, f"{uri} does not verify"

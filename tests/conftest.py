@@ -31,27 +31,11 @@ def _deterministic_threads():
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 endpoint on loopback (moto's server mode); the standard AWS variables point boto3 at it, so that
-    separate processes (ranks, loader workers) see the same buckets."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 endpoint on loopback (moto's server mode) for the whole session: returns its URL."""
+    from tests.local_s3 import local_s3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "S3_ENDPOINT_URL": f"http://{host}:{port}",
-                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    yield f"http://{host}:{port}"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-_S3_ENV = ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    with local_s3() as url:
+        yield url
 
 
 @pytest.fixture

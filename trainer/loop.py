@@ -21,8 +21,8 @@ from models import TarFlow, num_parameters
 
 from .activation_checkpointing import apply_activation_checkpointing, compile_layers
 from .checkpoint.export import RUN_FILE
-from .checkpoint import (CheckpointError, CheckpointManager, Manifest, Ranks, atomic_write_text, parse_step,
-                         step_name)
+from .checkpoint import (CheckpointError, CheckpointManager, Manifest, Ranks, atomic_write_text,
+                         split_checkpoint_uri, step_name)
 from .config import Config, config_hash, from_yaml_text, model_differences, to_yaml, validate
 from .distributed import all_reduce_sum, barrier, gather_objects, process_group
 from .evaluate import heldout_bits_per_dim
@@ -176,12 +176,11 @@ class Trainer:
             return None
         if resume == "auto":
             return self.checkpoints.restore_latest(cache)
-        parent, _, name = resume.rstrip("/").rpartition("/")
-        step = parse_step(name)
+        root, step = split_checkpoint_uri(resume)
         if step is None:
             raise CheckpointError(f"train.resume={resume!r}: expected auto, never, or a checkpoint's URI ending in "
                                   f"step-NNNNNNNN")
-        explicit = CheckpointManager(open_store(parent or "."), self.run_dir / ".checkpoint-staging",
+        explicit = CheckpointManager(open_store(root), self.run_dir / ".checkpoint-staging",
                                      self.checkpoints.ranks)
         restored = explicit.restore(step, cache)
         if restored is None:

@@ -14,22 +14,22 @@ from ..config import Config, from_yaml_text
 from ..stores import StoreError, open_store
 from .files import CheckpointError, load_checkpoint_file
 from .manager import CheckpointManager, Ranks
-from .manifest import Manifest, parse_step
+from .manifest import Manifest, split_checkpoint_uri
 
 RUN_FILE = "run_state.pt"  # in every checkpoint, from rank 0: run state and the resolved config
 
 
-def locate(uri: str) -> tuple[CheckpointManager, int]:
-    """The manager of the store holding the checkpoint and its step."""
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    step = parse_step(name)
+def locate(uri: str) -> tuple[CheckpointManager, list[int]]:
+    """The manager of the store holding the checkpoint(s) and their steps: the one the URI names, or every
+    complete one under a root (ascending)."""
+    root, step = split_checkpoint_uri(uri)
+    manager = _manager(root)
     if step is not None:
-        return _manager(parent or "."), step
-    manager = _manager(uri)
+        return manager, [step]
     steps = manager.steps()
     if not steps:
         raise CheckpointError(f"no complete checkpoint (a step-NNNNNNNN/ prefix with a manifest) under {uri}")
-    return manager, steps[-1]
+    return manager, steps
 
 
 def _manager(uri: str) -> CheckpointManager:
@@ -43,7 +43,8 @@ def consolidated_model(uri: str) -> tuple[dict[str, torch.Tensor], Config, int]:
         return state["model"], from_yaml_text(state["config_yaml"]), state.get("step", 0)
     from ..strategies import CHECKPOINT_FORMATS
 
-    manager, step = locate(uri)
+    manager, steps = locate(uri)
+    step = steps[-1]
     with tempfile.TemporaryDirectory(prefix="tarflow-ckpt-") as tmp:
         restored = manager.restore(step, Path(tmp))
         if restored is None:
@@ -58,7 +59,7 @@ def listing(uri: str) -> list[dict]:
     """Every step prefix under a checkpoint root: step, complete or not, files, bytes, strategy, world size."""
     manager = _manager(uri)
     rows = []
-    for step, complete in sorted(manager._prefixes().items()):
+    for step, complete in sorted(manager.prefixes().items()):
         row = {"step": step, "complete": complete}
         if complete:
             m: Manifest = manager.manifest(step)
@@ -70,14 +71,7 @@ def listing(uri: str) -> list[dict]:
 
 def verify(uri: str) -> list[tuple[int, str | None]]:
     """(step, None when it verifies, else why not) for the checkpoint the URI names, or every one under a root."""
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    if parse_step(name) is not None:
-        manager, steps = _manager(parent or "."), [parse_step(name)]
-    else:
-        manager = _manager(uri)
-        steps = manager.steps()
-        if not steps:
-            raise CheckpointError(f"no complete checkpoint under {uri}")
+    manager, steps = locate(uri)
     results = []
     for step in steps:
         try:

@@ -66,13 +66,6 @@ class Ranks:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    def all_true(self, ok: bool) -> bool:
-        return all(self.all_gather(bool(ok)))
-
-    def barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
-
 
 class CheckpointManager:
     def __init__(self, store: Store, staging_dir: Path, ranks: Ranks, keep: int = 2, keep_every: int = 0,
@@ -88,9 +81,9 @@ class CheckpointManager:
     # ---------------------------------------------------------------- finding
     def steps(self) -> list[int]:
         """Steps with a manifest (complete checkpoints), ascending."""
-        return sorted(s for s, complete in self._prefixes().items() if complete)
+        return sorted(s for s, complete in self.prefixes().items() if complete)
 
-    def _prefixes(self) -> dict[int, bool]:
+    def prefixes(self) -> dict[int, bool]:
         """Every step prefix in the store → whether it holds a manifest."""
         found: dict[int, bool] = {}
         for info in self.store.list("step-"):
@@ -199,7 +192,7 @@ class CheckpointManager:
     def _retain(self, newest: int) -> None:
         """Keep the newest ``keep`` complete checkpoints, every ``keep_every``-th step, and everything at or after
         ``newest``; prefixes without a manifest older than ``newest`` are leftovers of failed saves or deletions."""
-        prefixes = self._prefixes()
+        prefixes = self.prefixes()
         complete = sorted(s for s, c in prefixes.items() if c and s <= newest)
         kept = set(complete[-self.keep:]) | {s for s in complete if self.keep_every and s % self.keep_every == 0}
         doomed = [s for s in complete if s not in kept] + [s for s, c in prefixes.items() if not c and s < newest]

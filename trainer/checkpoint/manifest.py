@@ -28,6 +28,13 @@ def parse_step(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def split_checkpoint_uri(uri: str) -> tuple[str, int | None]:
+    """``…/root/step-00000010`` → (``…/root``, 10); a root alone → (root, None)."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    step = parse_step(name)
+    return ((parent or "."), step) if step is not None else (uri, None)
+
+
 @dataclass
 class Manifest:
     step: int
