@@ -30,8 +30,8 @@ def main() -> None:
 
     import boto3
 
-    from tests.local_s3 import local_s3
-    from tests.test_ddp import free_port
+    from tarflow_testing.local_s3 import local_s3
+    from tarflow_testing.runs import free_port
 
     rows = []
     with local_s3("bench"), tempfile.TemporaryDirectory() as tmp:
@@ -43,9 +43,9 @@ def main() -> None:
                          f"checkpoint.uri=s3://bench/{case}", "eval.at_start=false", "eval.every=0", "sample.num=2",
                          "logging.progress=false", "schedule.warmup_steps=2", "train.global_batch=64",
                          f"train.micro_batch={64 if case == 'single' else 32}", f"train.strategy={case}"]
-            cmd = [sys.executable, "-m", "trainer.cli", "train", *overrides] if case == "single" else \
+            cmd = [sys.executable, "-m", "tarflow", "train", *overrides] if case == "single" else \
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
-                 f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "trainer.cli", "train", *overrides]
+                 f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "tarflow", "train", *overrides]
             subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
             records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             saves = [r for r in records if "checkpoint/save_seconds" in r]
@@ -56,7 +56,8 @@ def main() -> None:
             total = sum(r["checkpoint/save_seconds"] for r in saves) / len(saves)
             rows.append((case, int(params), size, len(saves), blocked, total))
     print(f"checkpoint saves to S3 (moto on loopback), model channels={args.channels}; means over the saves of a run")
-    print(f"{'strategy':<10}{'params':>10}{'MB/ckpt':>9}{'saves':>7}{'blocked s':>11}{'total s':>9}{'blocked/total':>15}")
+    print(f"{'strategy':<10}{'params':>10}{'MB/ckpt':>9}{'saves':>7}{'blocked s':>11}{'total s':>9}"
+          f"{'blocked/total':>15}")
     for case, params, size, n, blocked, total in rows:
         print(f"{case:<10}{params:>10,}{size / 1e6:>9.1f}{n:>7}{blocked:>11.3f}{total:>9.3f}{blocked / total:>15.2f}")
 

@@ -28,11 +28,11 @@ def main() -> None:
 
     import torch
 
-    from tests.checkpoint_helpers import model_state
-    from tests.crash_harness import final_losses, run_with_kills
-    from tests.fault_proxy import FaultProxy
-    from tests.local_s3 import local_s3
-    from tests.test_ddp import free_port
+    from tarflow_testing.checkpoint_helpers import model_state
+    from tarflow_testing.crash_harness import final_losses, run_with_kills
+    from tarflow_testing.fault_proxy import FaultProxy
+    from tarflow_testing.local_s3 import local_s3
+    from tarflow_testing.runs import free_port
 
     started = time.perf_counter()
     with local_s3("crash") as url, tempfile.TemporaryDirectory() as tmp, FaultProxy(url) as proxy:
@@ -50,7 +50,8 @@ def main() -> None:
     for i, k in enumerate(killed.kills):
         after = "-" if k["killed_after_s"] is None else f"{k['killed_after_s']:.2f}"
         during = {True: "yes", False: "no", None: "-"}[k.get("during_save")]
-        print(f"{i:>7}  {after:>16}  {during:>13}  {k['resumed_from'] if k['resumed_from'] is not None else 'start':>17}")
+        resumed = k["resumed_from"] if k["resumed_from"] is not None else "start"
+        print(f"{i:>7}  {after:>16}  {during:>13}  {resumed:>17}")
     print(f"every kill: all manifests verified, resumed from the newest complete checkpoint; final model equal to "
           f"the uninterrupted run: {equal}; per-step losses equal: {same_losses}")
     if not (equal and same_losses):

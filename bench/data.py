@@ -101,14 +101,15 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8, help="repeat the 518 photo crops this many times")
     args = parser.parse_args()
     torch.set_num_threads(1)  # loaders are what is measured; one thread per process as in training
-    from moto.server import ThreadedMotoServer
     import boto3
+    from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "S3_ENDPOINT_URL": f"http://{host}:{port}",
-                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
     boto3.client("s3").create_bucket(Bucket="bench")
 
     consumption = dict(training_consumption(p) for p in ("configs/digits.yaml", "configs/photos.yaml"))
@@ -116,7 +117,7 @@ def main() -> None:
     print("one training step consumes: " + ", ".join(f"{n} {v:.0f} img/s" for n, v in consumption.items())
           + "; the ratio column is against 3 × photos")
     print(f"{'size':<6}{'reader':<26}{'workers':>8}{'img/s':>10}{'vs ImageFolder':>16}{'vs 3×training':>15}")
-    print(f"(ImageFolder keeps its workers across epochs; the sharded readers start theirs each epoch)")
+    print("(ImageFolder keeps its workers across epochs; the sharded readers start theirs each epoch)")
     with tempfile.TemporaryDirectory() as tmp:
         for size in [int(s) for s in args.sizes.split(",")]:
             source = bench_source(size, args.copies)
@@ -133,7 +134,8 @@ def main() -> None:
                 cases += [(f"{fmt} local", local), (f"{fmt} s3", f"s3://bench/{fmt}{size}")]
             for workers in [int(w) for w in args.workers.split(",")]:
                 base = imagefolder_baseline(folder, args.batch, workers, args.epochs)
-                print(f"{size:<6}{'ImageFolder + PIL':<26}{workers:>8}{base:>10.0f}{1.0:>16.2f}{base / (3 * need):>15.2f}",
+                print(f"{size:<6}{'ImageFolder + PIL':<26}{workers:>8}{base:>10.0f}{1.0:>16.2f}"
+                      f"{base / (3 * need):>15.2f}",
                       flush=True)
                 for name, uri in cases:
                     cfg = DataConfig(format=name.split()[0], uri=uri, num_workers=workers, shuffle_buffer=256,

@@ -9,7 +9,6 @@ same images (checked before timing). Prints images/s and the ratio ours / baseli
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.timing import interleaved_best  # noqa: E402
+from bench.timing import cpu_benchmark_args, interleaved_best  # noqa: E402
 from models import TarFlow, TarFlowConfig  # noqa: E402
 
 CASES = {
@@ -82,14 +81,7 @@ def trained_like(config: TarFlowConfig) -> TarFlow:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cases", default="A,B")
-    parser.add_argument("--guidance", type=float, default=2.0)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, float32 CPU, best of {args.repeats} interleaved runs")
+    args = cpu_benchmark_args(__doc__, repeats=3, guidance=2.0)
     print(f"{'case':<6}{'batch':>6}{'guidance':>10}{'baseline img/s':>16}{'ours img/s':>12}{'ratio':>8}")
     for name in args.cases.split(","):
         config, batch = CASES[name]

@@ -30,11 +30,11 @@ def run(case: str, run_dir: Path, steps: int, config: str, port: int) -> dict:
         overrides.append(f"deepspeed.stage={stage}")
     env = {**os.environ, "OMP_NUM_THREADS": "1" if strategy != "single" else "2", "DS_ACCELERATOR": "cpu"}
     if strategy == "single":
-        cmd = [sys.executable, "-m", "trainer.cli", "train", *overrides]
+        cmd = [sys.executable, "-m", "tarflow", "train", *overrides]
     else:
         overrides.append("train.micro_batch=64")  # the same global batch (128) over 2 ranks
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "trainer.cli", "train", *overrides]
+               f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "tarflow", "train", *overrides]
     # A fresh wrapper process per case: its children's peak RSS is this case's largest process (kilobytes).
     measure = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")

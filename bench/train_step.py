@@ -9,7 +9,6 @@ discards. Both give the same loss (checked before timing). Prints images/s and t
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.sample import CASES, trained_like  # noqa: E402
-from bench.timing import interleaved_best  # noqa: E402
+from bench.timing import cpu_benchmark_args, interleaved_best  # noqa: E402
 from models import TarFlow  # noqa: E402
 
 
@@ -51,13 +50,7 @@ def baseline_forward(model: TarFlow, x: torch.Tensor, y: torch.Tensor):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", default="A,B")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, float32 CPU, best of {args.repeats} interleaved runs")
+    args = cpu_benchmark_args(__doc__, repeats=5)
     print(f"{'case':<6}{'batch':>6}{'baseline img/s':>16}{'ours img/s':>12}{'ratio':>8}")
     for name in args.cases.split(","):
         config, batch = CASES[name]

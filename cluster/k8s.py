@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from .no_secrets import assert_no_secret_values
+from .torchrun import tarflow_program, torchrun_command
 
 FLAVORS = ("indexed-job", "pytorchjob", "jobset")
 CONFIG_MOUNT = "/etc/tarflow"  # where a config shipped in a ConfigMap appears in the pod
@@ -97,17 +98,17 @@ class K8sJob:
 
 def _command(spec: K8sJob) -> list[str]:
     config = f"{CONFIG_MOUNT}/config.yaml" if spec.config_text is not None else spec.config
-    trainer = ["-m", "trainer.cli", "train", *([config] if config else []), *spec.overrides, "train.resume=auto"]
+    trainer = tarflow_program("train", *([config] if config else []), *spec.overrides, "train.resume=auto")
     if spec.run_dir:
         trainer.append(f"train.run_dir={spec.run_dir}")
     if spec.checkpoint_uri:
         trainer.append(f"checkpoint.uri={spec.checkpoint_uri}")
     # $(VAR) is expanded by the kubelet from the container's environment: no shell in between
-    return [spec.python, "-m", "torch.distributed.run", f"--nnodes={spec.nodes}",
-            f"--nproc_per_node={spec.nproc_per_node}", "--rdzv_backend=c10d",
-            "--rdzv_endpoint=$(MASTER_ADDR):$(MASTER_PORT)", "--rdzv_id=$(TARFLOW_JOB_ID)",
-            # Indexed Job: a lost pod comes back alone and the others let it rejoin; elsewhere the gang restarts
-            f"--max_restarts={spec.max_restarts if spec.flavor == 'indexed-job' else 0}", *trainer]
+    return torchrun_command(trainer, python=spec.python, nnodes=spec.nodes, nproc_per_node=spec.nproc_per_node,
+                            rdzv_endpoint="$(MASTER_ADDR):$(MASTER_PORT)", rdzv_id="$(TARFLOW_JOB_ID)",
+                            # Indexed Job: a lost pod comes back alone and the others let it rejoin; elsewhere the
+                            # gang restarts
+                            max_restarts=spec.max_restarts if spec.flavor == "indexed-job" else 0)
 
 
 def _container(spec: K8sJob) -> Obj:

@@ -3,7 +3,7 @@
 The config and overrides are passed through as text (cluster does not import trainer). The few settings the
 launcher itself needs (train.run_dir: where the script and logs go; preemption.exit_code; checkpoint.uri) are read
 from the overrides or with a plain YAML load; the trainer validates the whole config when the job starts.
-``main()`` runs this on its own as ``python -m cluster.launch_cli``.
+``add_launch_parser`` adds the command to the ``tarflow`` parser, whose root handles the errors.
 """
 
 from __future__ import annotations
@@ -178,18 +178,3 @@ def add_launch_parser(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--dry-run", action="store_true", help="print the manifests (the default)")
     mode.add_argument("--apply", action="store_true", help="kubectl apply -f - the manifests")
     k.set_defaults(func=cmd_launch_k8s)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tarflow")
-    add_launch_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as e:
-        print(f"tarflow launch: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

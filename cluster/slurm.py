@@ -25,12 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .no_secrets import assert_no_secret_values
-
-# The trainer's exit status after it checkpointed because it was told to stop (EX_TEMPFAIL: "try again later").
-# Distinct from 1 (a Python error), 2 (bad usage), 128+N (killed by signal N) and 143 (SIGTERM's default).
-PREEMPTION_EXIT_CODE = 75
-# Exported to every task, so that code which cannot import this module still agrees on the number.
-PREEMPTION_EXIT_CODE_ENV = "TARFLOW_PREEMPTION_EXIT_CODE"
+from .run_contract import PREEMPTED_FILE, PREEMPTION_EXIT_CODE, PREEMPTION_EXIT_CODE_ENV
+from .torchrun import tarflow_program, torchrun_command
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -69,7 +65,7 @@ class SlurmJob:
     extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH ..." lines (e.g. "--qos=high")
     python: str = field(default_factory=lambda: sys.executable)  # shared filesystem: the submitter's interpreter
     workdir: str | None = None             # the job's working directory; default: where it was submitted from
-    program: list[str] | None = None       # what torchrun runs; default: -m trainer.cli train CONFIG ...
+    program: list[str] | None = None       # what torchrun runs; default: -m tarflow train CONFIG ...
     command: list[str] | None = None       # replaces torchrun entirely: the argv srun runs once per node
     preemption_exit_code: int = PREEMPTION_EXIT_CODE  # the trainer's preemption.exit_code, if configured otherwise
 
@@ -112,8 +108,8 @@ class SlurmJob:
             return list(self.program)
         config = [self._abs(self.config)] if self.config else []
         overrides = [o for o in self.overrides if o.split("=", 1)[0].strip() != "train.run_dir"]  # given again last
-        return ["-m", "trainer.cli", "train", *config, *overrides,
-                "train.resume=auto", f"train.run_dir={self._abs(self.run_dir)}"]
+        return tarflow_program("train", *config, *overrides, "train.resume=auto",
+                               f"train.run_dir={self._abs(self.run_dir)}")
 
 
 def _sbatch_line(option: str) -> str:
@@ -156,13 +152,11 @@ def render_sbatch(spec: SlurmJob, environ: dict[str, str] | None = None) -> str:
     if spec.command is not None:
         step = " ".join(q(a) for a in spec.command)
     else:
-        step = " ".join([
-            q(spec.python), "-m", "torch.distributed.run",
-            '--nnodes="$SLURM_NNODES"', f"--nproc_per_node={spec.nproc_per_node}",
-            "--rdzv_backend=c10d", '--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT"', '--rdzv_id="$SLURM_JOB_ID"',
-            "--max_restarts=0",  # restarts are SLURM's job (requeue), so that every attempt starts clean
-            *(q(a) for a in spec.trainer_argv()),
-        ])
+        # the options are shell expressions, expanded on each node; restarts are SLURM's job (requeue)
+        python, *launcher = torchrun_command([], python=spec.python, nnodes='"$SLURM_NNODES"',
+                                             nproc_per_node=spec.nproc_per_node,
+                                             rdzv_endpoint='"$HEAD_NODE:$RDZV_PORT"', rdzv_id='"$SLURM_JOB_ID"')
+        step = " ".join([q(python), *launcher, *(q(a) for a in spec.trainer_argv())])
     srun = "srun --ntasks-per-node=1 --kill-on-bad-exit=1"
     if spec.cpus_per_task:  # slurm 22.05's srun does not inherit --cpus-per-task from the allocation
         srun += f" --cpus-per-task={spec.cpus_per_task}"
@@ -186,7 +180,7 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={spec.signal_grace_s}
 mkdir -p {q(str(slurm_dir))}
 # rank 0 writes this when the trainer stopped for preemption (torchrun's own status does not say so); one left by
 # an earlier attempt must not speak for this one
-PREEMPTED_FILE={q(str(slurm_dir.parent / "preempted.json"))}
+PREEMPTED_FILE={q(str(slurm_dir.parent / PREEMPTED_FILE))}
 rm -f "$PREEMPTED_FILE"
 echo "[tarflow-slurm] $(date +%T) job $SLURM_JOB_ID attempt $(( RESTARTS + 1 )) on $SLURM_JOB_NODELIST, c10d $HEAD_NODE:$RDZV_PORT"
 

@@ -16,14 +16,13 @@ from .embedded import EmbeddedImages, load_embedded, split_heldout
 from .manifest import read_manifest
 from .mds_loader import MDSLoader
 from .memory_loader import InMemoryLoader
+from .resumable import SPLITS, ResumableLoader, check_split
 from .transforms import ImageTransform
 from .webdataset_loader import WebDatasetLoader
 
-SPLITS = ("train", "heldout")
-
 
 class Loader(Protocol):
-    """What the trainer may rely on, whatever the format."""
+    """What the trainer may rely on, whatever the format (every loader here is a ``ResumableLoader``)."""
 
     @property
     def batches_per_epoch(self) -> int: ...
@@ -89,8 +88,7 @@ def build_loader(
     cfg: DataConfig, split: str, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
 ) -> Loader:
     """``train``: shuffled, endless, drop_last, flips per cfg. ``heldout``: natural order, one epoch, all samples."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    check_split(split)
     return _format(cfg).build(cfg, split, batch_size, seed=seed, rank=rank, world_size=world_size)
 
 
@@ -100,6 +98,6 @@ def dataset_info(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
 
 
 __all__ = [
-    "DataConfig", "DataFormat", "EmbeddedImages", "FORMATS", "InMemoryLoader", "Loader",
+    "DataConfig", "DataFormat", "EmbeddedImages", "FORMATS", "InMemoryLoader", "Loader", "ResumableLoader", "SPLITS",
     "build_loader", "dataset_info", "load_embedded", "split_heldout",
 ]

@@ -54,15 +54,6 @@ class Manifest:
                                 f"{manifest.num_samples}")
         return manifest
 
-    @property
-    def shard_offsets(self) -> list[int]:
-        """Global index of each shard's first sample (shards in manifest order)."""
-        offsets, total = [], 0
-        for shard in self.shards:
-            offsets.append(total)
-            total += shard.num_samples
-        return offsets
-
 
 def read_manifest(uri: str, split: str, fmt: str) -> Manifest:
     """``uri/split/manifest.json``, checked to describe ``fmt`` shards of images a model can take."""
@@ -88,10 +79,6 @@ def read_manifest(uri: str, split: str, fmt: str) -> Manifest:
     if not manifest.shards:
         raise ValueError(f"{where} lists no shards")
     return manifest
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path) -> str:

@@ -1,16 +1,18 @@
 """Reading and writing dataset files on a local path or ``s3://bucket/prefix`` (boto3).
 
 Endpoint and credentials come only from the standard AWS chain (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID,
-~/.aws/config, instance roles …): nothing S3-specific is read from our configs, so none of it ends up in logs.
+~/.aws/config, instance roles …): nothing S3-specific is read from our configs, so none of it ends up in logs. The
+client and its retry policy are ``s3.s3_client()``'s, the same the checkpoint stores use.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from pathlib import Path
 from typing import BinaryIO
+
+from .s3 import s3_client
 
 
 class DataSourceError(RuntimeError):
@@ -32,23 +34,6 @@ def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
     return str(Path(uri, *parts))
-
-
-@functools.lru_cache(maxsize=None)
-def _client(pid: int, endpoint: str, access_key: str):
-    # One client per process (boto3 clients are not fork-safe: loader workers get their own via the pid key) and
-    # per endpoint/credentials seen in the environment (which boto3 reads when the client is made).
-    import boto3
-    from botocore.config import Config
-
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
-    return boto3.session.Session().client("s3", config=config)
-
-
-def s3_client():
-    env = os.environ
-    return _client(os.getpid(), env.get("AWS_ENDPOINT_URL", "") + env.get("AWS_ENDPOINT_URL_S3", ""),
-                   env.get("AWS_ACCESS_KEY_ID", ""))
 
 
 def _describe(e: Exception, uri: str) -> DataSourceError:
@@ -126,3 +111,24 @@ def exists(uri: str) -> bool:
                 return False
             raise err from None
     return Path(uri).exists()
+
+
+def list_sizes(uri: str) -> dict[str, int]:
+    """File name → size of everything directly under a directory or ``s3://`` prefix (not below it)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        sizes: dict[str, int] = {}
+        try:
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(prefix):]
+                    if "/" not in name:
+                        sizes[name] = int(obj["Size"])
+        except Exception as e:
+            raise _describe(e, uri) from None
+        return sizes
+    path = Path(uri)
+    if not path.is_dir():
+        raise DataSourceError(f"{uri} does not exist")
+    return {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}

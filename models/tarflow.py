@@ -3,7 +3,6 @@ patches, with alternating token order. See ``shared/TARFLOW.md`` for the referen
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Mapping

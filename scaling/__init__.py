@@ -1,5 +1,8 @@
 """Scaling studies: per-point results, power-law fits with bootstrap intervals, the compute frontier, and plots; the
-study driver (``scaling.study``, ``scaling.runner``, ``scaling.cli``: ``tarflow scale run|fit|report``).
+study driver (``scaling.cli``: ``tarflow scale run|fit|report``): the spec (``spec``, ``validate``), its ``plan``, the
+``state`` file, the run-directory reader (``rundir``, ``collect``), the backends (``local``, ``slurm``, ``k8s``, with
+``reconcile`` and ``array_task`` for the clusters) and the FID per point (``fid_eval``). The driver uses the trainer
+through ``trainer.api`` and the launchers through ``cluster``.
 
 The names below are imported on first use: ``scaling.cli`` is imported by ``tarflow``'s parser, which should not pay
 for scipy. ``scaling.plot`` imports matplotlib and is not re-exported.

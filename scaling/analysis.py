@@ -23,8 +23,19 @@ from pathlib import Path
 import numpy as np
 
 from .fit import Points, ScalingFit, compute_frontier, fit_scaling_law
-from .results import (PLUMBING_NOTE, PointResult, format_grid_summary, format_table, grid_keys, grid_summary,
-                      markdown_table, read_csv, short_names, to_points, write_csv)
+from .results import (
+    PLUMBING_NOTE,
+    PointResult,
+    format_grid_summary,
+    format_table,
+    grid_keys,
+    grid_summary,
+    markdown_table,
+    read_csv,
+    short_names,
+    to_points,
+    write_csv,
+)
 
 RESULTS_FILE = "results.csv"
 FIT_FILE = "fit.json"

@@ -24,28 +24,29 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-PREEMPTION_EXIT_CODE = 75
+from cluster.env import slurm_master_port
+from cluster.hostlist import first_host
+from cluster.run_contract import PREEMPTION_EXIT_CODE, preempted_path
+from cluster.torchrun import tarflow_program, torchrun_command
+
+from .rundir import ATTEMPTS_FILE, utc_now
+
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 def child_argv(entry: dict, environ: dict) -> list[str]:
     """The trainer, or torchrun over it when the point runs more than one process."""
-    trainer = [*entry["argv"], "logging.progress=false"]
+    trainer = tarflow_program("train", *entry["argv"], "logging.progress=false")
     nproc = int(entry.get("nproc_per_node") or 1)
     nnodes = int(environ.get("SLURM_NNODES", "1") or 1)
     if nproc * nnodes == 1:
-        return [sys.executable, "-m", "trainer.cli", "train", *trainer]
-    from cluster.env import slurm_master_port
-    from cluster.hostlist import first_host
-
+        return [sys.executable, *trainer]
     head = first_host(environ["SLURM_JOB_NODELIST"])
     port = slurm_master_port(environ["SLURM_JOB_ID"])
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
-            "--rdzv_backend=c10d", f"--rdzv_endpoint={head}:{port}", f"--rdzv_id={environ['SLURM_JOB_ID']}",
-            "--max_restarts=0", "-m", "trainer.cli", "train", *trainer]
+    return torchrun_command(trainer, nnodes=nnodes, nproc_per_node=nproc, rdzv_endpoint=f"{head}:{port}",
+                            rdzv_id=environ["SLURM_JOB_ID"])
 
 
 def run(array_file: str, task: int | None = None, environ: dict | None = None) -> int:
@@ -63,12 +64,12 @@ def run(array_file: str, task: int | None = None, environ: dict | None = None) -
     entry = entries[task]
     run_dir = Path(entry["run_dir"])
     node0 = environ.get("SLURM_NODEID", "0") == "0"
-    preempted_file = run_dir / "preempted.json"
+    preempted_file = preempted_path(run_dir)
     if node0:
         run_dir.mkdir(parents=True, exist_ok=True)
         preempted_file.unlink(missing_ok=True)  # an earlier attempt's must not speak for this one
         print(f"[scaling] array task {task}: point {entry['name']} in {run_dir}", flush=True)
-    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    started, t0 = utc_now(), time.perf_counter()
     child = subprocess.Popen(child_argv(entry, environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              env=environ)
 
@@ -100,7 +101,7 @@ def run(array_file: str, task: int | None = None, environ: dict | None = None) -
                   "job": environ.get("SLURM_JOB_ID", ""), "array_job": environ.get("SLURM_ARRAY_JOB_ID", ""),
                   "task": task, "restart": int(environ.get("SLURM_RESTART_COUNT", "0") or 0),
                   "tail": "\n".join(tail) if rc not in (0, PREEMPTION_EXIT_CODE) else ""}
-        with open(run_dir / "attempts.jsonl", "a") as f:
+        with open(run_dir / ATTEMPTS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
     return rc
 

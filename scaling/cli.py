@@ -1,7 +1,7 @@
 """``tarflow scale run|fit|report``: run a scaling study, fit its laws, print its table.
 
-``add_scale_parser(subparsers)`` adds the ``scale`` command to the ``tarflow`` parser; ``python -m scaling.cli``
-runs it on its own. Heavy imports (torch, scipy, matplotlib) happen inside the commands, so adding the parser costs
+``add_scale_parser(subparsers)`` adds the ``scale`` command to the ``tarflow`` parser (whose root handles the
+errors). Heavy imports (torch, scipy, matplotlib) happen inside the commands, so adding the parser costs
 ``tarflow train`` nothing.
 """
 
@@ -30,8 +30,11 @@ def _plan_table(points) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import runner
-    from .study import load_study, plan_study, resolve_config_path, study_dir, write_plan
+    from . import k8s, slurm
+    from .local import run_local
+    from .plan import plan_study, resolve_config_path, study_dir, write_plan
+    from .state import StudyState, study_lock
+    from .validate import load_study
 
     spec = load_study(args.study)
     if args.where:
@@ -58,8 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if fid is not None:
             print(fid.describe())
         if where == "slurm":
-            state = runner.StudyState.load(directory)
-            result = runner.submit_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
+            state = StudyState.load(directory)
+            result = slurm.submit_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
                                          config_text=config_text, dry_run=True, log=lambda m: None)
             if result.get("script"):
                 print("\n# the job array's batch script (dry run: nothing written or submitted)")
@@ -68,21 +71,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             from cluster.k8s import render, to_yaml
 
             print("\n# the manifests of each point (dry run: nothing written or applied)")
-            for _, job in runner.k8s_jobs([p for p in points if not p.error], spec, directory, config):
+            for _, job in k8s.k8s_jobs([p for p in points if not p.error], spec, directory, config):
                 print(to_yaml(render(job)), end="---\n")
         return 0
 
     write_plan(directory, spec, points, config)
     interrupted = False
-    with runner.study_lock(directory):
-        state = runner.StudyState.load(directory)
+    with study_lock(directory):
+        state = StudyState.load(directory)
         if fid is not None:
             from .fid_eval import catch_up, ensure_reference
 
             _log(fid.describe())
             ensure_reference(fid, log=_log)  # once per study; a failure stops it before anything trains
         if where == "local":
-            summary = runner.run_local(points, state, max_retries=spec.run.max_retries, config_text=config_text,
+            summary = run_local(points, state, max_retries=spec.run.max_retries, config_text=config_text,
                                        retry_failed=args.retry_failed, log=_log, fid=fid)
             interrupted = summary.interrupted
             print(f"{len(points)} point(s): {len(summary.launched)} run now, {len(summary.skipped)} finished earlier "
@@ -92,14 +95,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             busy: set[str] = set()
             if where == "slurm":
                 if args.wait:
-                    runner.wait_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
+                    slurm.wait_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
                                       config_text=config_text, poll_s=args.poll, log=_log)
                 else:
-                    result = runner.submit_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
+                    result = slurm.submit_slurm(points, state, spec, directory, max_retries=spec.run.max_retries,
                                                  retry_failed=args.retry_failed, config_text=config_text, log=_log)
                     busy = set(result["submitted"]) | set(result["in_flight"])
             else:
-                result = runner.submit_k8s(points, state, spec, directory, config, apply=args.apply,
+                result = k8s.submit_k8s(points, state, spec, directory, config, apply=args.apply,
                                            retry_failed=args.retry_failed, config_text=config_text, log=_log)
                 busy = set(result["submitted"]) | set(result["in_flight"])
             if fid is not None:  # the finished points' FIDs, here
@@ -117,9 +120,11 @@ class _Collected:
 
 
 def _collect(directory: Path) -> _Collected:
-    from . import runner
     from .analysis import read_results, write_results
-    from .study import read_plan
+    from .collect import collect_results, pending
+    from .plan import read_plan
+    from .reconcile import merge_cluster_attempts
+    from .state import StudyState
 
     directory = Path(directory)
     if not (directory / "plan.json").is_file():
@@ -127,12 +132,12 @@ def _collect(directory: Path) -> _Collected:
         return _Collected(directory.name, results, {r.name: f"steps{r.train_steps}" for r in results}, [], {})
     plan = read_plan(directory)
     points = plan["points"]
-    state = runner.StudyState.load(directory)
+    state = StudyState.load(directory)
     for p in points:  # cluster attempts not merged yet (the state is not saved here: the driver merges for good)
-        runner.merge_cluster_attempts(p, state[p.name])
-    results = runner.collect_results(points, state, fid=bool(plan["spec"].get("fid")))
+        merge_cluster_attempts(p, state[p.name])
+    results = collect_results(points, state, fid=bool(plan["spec"].get("fid")))
     write_results(results, directory)
-    return _Collected(plan["study"], results, {p.name: p.budget for p in points}, runner.pending(points, state),
+    return _Collected(plan["study"], results, {p.name: p.budget for p in points}, pending(points, state),
                       plan["spec"], {p.name: p.size for p in points})
 
 
@@ -233,18 +238,3 @@ def add_scale_parser(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("study_dir")
     q.add_argument("--markdown", action="store_true", help="as GitHub markdown (the README's table)")
     q.set_defaults(func=cmd_report)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tarflow")
-    add_scale_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError) as e:  # StudyError and ConfigError are ValueErrors
-        print(f"tarflow scale: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

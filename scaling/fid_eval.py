@@ -2,14 +2,14 @@
 ``tarflow eval <the point's checkpoint> --metric fid ...`` after the point trains.
 
 - **Up front** (before anything trains, also for ``--dry-run``): the Inception weights are resolved and loaded as
-  ``tarflow eval`` does (``trainer.inception``), so missing or wrong weights fail the study with the eval suite's own
+  ``tarflow eval`` does (``trainer.api``), so missing or wrong weights fail the study with the eval suite's own
   message (where to get the file); a given ``ref_stats`` file must be readable and made with the same network for
   images of the base config's shape.
 - **Reference statistics**: ``ref_stats`` as given, else ``tarflow eval stats`` over the base config's data
   (``fid.split``, default the training images), run once by the driver into
   ``<study dir>/fid/reference-<split>-<hash>.npz`` (the hash covers the network and the data settings, so another
   network or data set makes another file).
-- **Per point**: a subprocess like the training run, ``<python> -m trainer.cli eval CKPT --metric fid --num-samples N
+- **Per point**: a subprocess like the training run, ``<python> -m tarflow eval CKPT --metric fid --num-samples N
   --ref-stats FILE --inception W --guidance G --attn-temp T [--annealed] [--denoise] --seed S --no-bpd --out
   <point>/fid``; its output is appended to ``<point>/fid.log``. ``<point>/fid/results.json`` is the eval suite's; the
   driver writes ``<point>/fid/request.json`` (the eval's arguments and the reference's digest) when it succeeded. A
@@ -30,13 +30,16 @@ import math
 import os
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .study import FidSpec, StudyError, StudySpec, _atomic_write
+from cluster.torchrun import tarflow_command
+from trainer.api import RANDOM_INCEPTION, check_reference_stats, load_config, load_fid_network
+
+from .rundir import SUMMARY_FILE, atomic_write, error_line, finished, last_lines, read_from, read_summary, utc_now
+from .spec import FidSpec, StudyError, StudySpec
 
 FID_DIR = "fid"                  # <point>/fid/: the eval suite's --out
 FID_LOG = "fid.log"              # <point>/fid.log: every FID evaluation's output, appended
@@ -48,7 +51,7 @@ Log = Callable[[str], None]
 
 def eval_command() -> list[str]:
     """``tarflow eval`` with this interpreter (the same environment as the driver)."""
-    return [sys.executable, "-m", "trainer.cli", "eval"]
+    return tarflow_command("eval")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class FidPlan:
 
     @property
     def plumbing(self) -> bool:
-        return self.network.startswith("tiny-random")
+        return self.network.startswith(RANDOM_INCEPTION)
 
     def describe(self) -> str:
         s = self.spec
@@ -86,26 +89,19 @@ def _find(path: str, spec: StudySpec) -> Path:
 
 def prepare_fid(spec: StudySpec, directory: Path, config: str | None) -> FidPlan:
     """Check the weights (and a given reference) before anything trains; the eval suite's errors as they are."""
-    from trainer.config import load_config
-    from trainer.fid import check_comparable, load_stats
-    from trainer.inception import TINY_PREFIX, load_fid_inception, resolve_weights_path
-
     s = spec.fid
     assert s is not None
     given = s.inception or None
-    if given and not given.startswith(TINY_PREFIX):
+    if given and not given.startswith(RANDOM_INCEPTION):
         given = str(_find(given, spec))
-    weights = resolve_weights_path(given)  # InceptionWeightsError (a ValueError): says where to get the file
-    net = load_fid_inception(weights, "cpu")
-    inception = weights if weights.startswith(TINY_PREFIX) else str(Path(weights).resolve())
+    net = load_fid_network(given)  # InceptionWeightsError (a ValueError): says where to get the file
     base = load_config(config, spec.overrides)
     m = base.model
     if s.ref_stats:
         ref = _find(s.ref_stats, spec)
-        reference = load_stats(ref)  # FIDError: missing or unreadable, with how to make it
-        check_comparable(reference, network=net.identity, feature_dim=net.feature_dim,
-                         image_shape=(m.in_channels, m.img_size, m.img_size), where=f"fid.ref_stats {ref}")
-        return FidPlan(s, inception, net.identity, str(ref))
+        # FIDError: missing or unreadable (with how to make it), or made with another network or image shape
+        check_reference_stats(ref, net, (m.in_channels, m.img_size, m.img_size), where=f"fid.ref_stats {ref}")
+        return FidPlan(s, net.weights, net.identity, str(ref))
     d = base.data
     if d.format == "embedded":
         data = [f"embedded:{d.source}", f"data.heldout_fraction={d.heldout_fraction}",
@@ -115,7 +111,7 @@ def prepare_fid(spec: StudySpec, directory: Path, config: str | None) -> FidPlan
     data += [f"data.resize={d.resize}", f"data.crop={d.crop}"]
     digest = hashlib.sha1(json.dumps([net.identity, data, s.split]).encode()).hexdigest()[:10]
     ref = Path(directory) / FID_DIR / f"reference-{s.split}-{digest}.npz"
-    return FidPlan(s, inception, net.identity, str(ref), data_argv=data)
+    return FidPlan(s, net.weights, net.identity, str(ref), data_argv=data)
 
 
 def ensure_reference(plan: FidPlan, log: Log = print) -> None:
@@ -138,9 +134,7 @@ def ensure_reference(plan: FidPlan, log: Log = print) -> None:
             rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
         if rc != 0 or not tmp.is_file():
-            from .runner import _tail, error_line
-
-            tail = _tail(log_path.read_text(errors="replace"))
+            tail = last_lines(log_path.read_text(errors="replace"))
             raise StudyError(f"`tarflow eval stats` for the FID reference failed (exit {rc}): {error_line(tail)} "
                              f"(log: {log_path})")
         tmp.replace(ref)
@@ -155,8 +149,6 @@ def fid_dir(run_dir: str | Path) -> Path:
 
 def fid_argv(plan: FidPlan, point) -> list[str] | None:
     """The point's ``tarflow eval`` command line, or None when its run left no checkpoint."""
-    from .runner import read_summary
-
     ckpt = (read_summary(point.run_dir) or {}).get("checkpoint")
     if not ckpt:
         return None
@@ -205,14 +197,12 @@ def fid_current(plan: FidPlan, point) -> bool:
 
 def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
     """Evaluate the point's FID unless it is current; records the outcome in its state (``fid_error``)."""
-    from .runner import _read_from, _tail, error_line
-
     if fid_current(plan, point):
         st.fid_error = ""
         return True
     argv = fid_argv(plan, point)
     if argv is None:
-        st.fid_error = f"no checkpoint in {point.run_dir}/summary.json to evaluate"
+        st.fid_error = f"no checkpoint in {point.run_dir}/{SUMMARY_FILE} to evaluate"
         log(f"[{point.name}] FID not evaluated: {st.fid_error}")
         return False
     out = fid_dir(point.run_dir)
@@ -220,7 +210,7 @@ def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
     log_path = Path(point.run_dir) / FID_LOG
     t0 = time.perf_counter()
     with open(log_path, "ab") as f:
-        f.write(f"\n=== {datetime_now()}: {shlex.join(argv)}\n".encode())
+        f.write(f"\n=== {utc_now()}: {shlex.join(argv)}\n".encode())
         offset = f.tell()
         f.flush()
         child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
@@ -234,25 +224,23 @@ def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
     st.fid_seconds = getattr(st, "fid_seconds", 0.0) + seconds
     fid, network = (None, "")
     if rc == 0:
-        _atomic_write(out / REQUEST_FILE, json.dumps(_request(plan, argv), indent=2) + "\n")
+        atomic_write(out / REQUEST_FILE, json.dumps(_request(plan, argv), indent=2) + "\n")
         fid, network = read_fid(point.run_dir)
     if fid is None:
         (out / REQUEST_FILE).unlink(missing_ok=True)
-        tail = _tail(_read_from(log_path, offset))
+        tail = last_lines(read_from(log_path, offset))
         st.fid_error = f"FID evaluation failed (exit {rc}): {error_line(tail)} (log: {log_path})"
         if stop is None or not stop.requested:
             log(f"[{point.name}] {st.fid_error}")
         return False
     st.fid_error = ""
-    note = " (plumbing only: random network)" if network.startswith("tiny-random") else ""
+    note = " (plumbing only: random network)" if network.startswith(RANDOM_INCEPTION) else ""
     log(f"[{point.name}] FID {fid:.4g}{note} over {plan.spec.num_samples} samples in {seconds:.1f} s")
     return True
 
 
 def catch_up(plan: FidPlan, points, state, log: Log = print, skip: set[str] = frozenset()) -> list[str]:
     """Evaluate every finished point (not in ``skip``) without a current FID; returns those that failed."""
-    from .runner import finished
-
     failed = []
     for p in points:
         if p.error or p.name in skip or not finished(p):
@@ -261,9 +249,3 @@ def catch_up(plan: FidPlan, points, state, log: Log = print, skip: set[str] = fr
             failed.append(p.name)
         state.save()
     return failed
-
-
-def datetime_now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -79,12 +79,7 @@ def plot_fit(points: Points, fit: ScalingFit, path: str | Path, xlabel: str = "p
     means = np.array([points.loss[points.x == v].mean() for v in xs])
     ax.plot(xs, means, "o", color="black", markersize=5, markerfacecolor="none", label="mean per " + symbol)
     _draw_fit(ax, fit, symbol)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, path)
+    return _label_and_save(fig, ax, path, xlabel, ylabel, title, legend_size=7)
 
 
 def plot_frontier(points: Points, frontier: Frontier, fit: ScalingFit | None, path: str | Path,
@@ -109,11 +104,16 @@ def plot_frontier(points: Points, frontier: Frontier, fit: ScalingFit | None, pa
         ax.annotate(format_count(n), (c, l), textcoords="offset points", xytext=(4, -10), fontsize=6)
     if fit is not None:
         _draw_fit(ax, fit, "C")
+    return _label_and_save(fig, ax, path, xlabel, ylabel, title, legend_size=6)
+
+
+def _label_and_save(fig: Figure, ax, path: str | Path, xlabel: str, ylabel: str, title: str,
+                    legend_size: float) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=6, loc="upper right")
+    ax.legend(fontsize=legend_size, loc="upper right")
     return _save(fig, path)
 
 

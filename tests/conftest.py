@@ -32,7 +32,7 @@ def _deterministic_threads():
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint on loopback (moto's server mode) for the whole session: returns its URL."""
-    from tests.local_s3 import local_s3
+    from tarflow_testing.local_s3 import local_s3
 
     with local_s3() as url:
         yield url
@@ -54,7 +54,7 @@ def s3_bucket(s3_server):
 def fault_proxy(s3_server):
     """A FaultProxy in front of the moto server, with AWS_ENDPOINT_URL pointing at it for the test (restored after).
     Ask for ``s3_bucket`` before it if the bucket should be made without going through the proxy."""
-    from tests.fault_proxy import FaultProxy
+    from tarflow_testing.fault_proxy import FaultProxy
 
     with FaultProxy(s3_server) as proxy:
         yield proxy

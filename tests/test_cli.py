@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import TarFlow, TarFlowConfig
-from tests.checkpoint_helpers import model_state
-from trainer.cli import main
+from models import TarFlow
+from tarflow.main import main
+from tarflow_testing.checkpoint_helpers import model_state
 from trainer.config import from_yaml_text
 
 
@@ -123,5 +123,5 @@ def test_ckpt_ls_verify_and_export(checkpoint, tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "tarflow", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "sample" in out.stdout

@@ -3,9 +3,9 @@ loads a partial one, and the finished run equals an uninterrupted one (more kill
 
 import torch
 
-from tests.checkpoint_helpers import model_state
-from tests.crash_harness import final_losses, run_with_kills
-from tests.test_ddp import free_port
+from tarflow_testing.checkpoint_helpers import model_state
+from tarflow_testing.crash_harness import final_losses, run_with_kills
+from tarflow_testing.runs import free_port
 
 
 def test_kill_9_during_saves_never_resumes_from_a_partial_checkpoint(tmp_path, s3_bucket, fault_proxy):
@@ -18,7 +18,7 @@ def test_kill_9_during_saves_never_resumes_from_a_partial_checkpoint(tmp_path, s
     assert resumed[0] is None and all(r is not None for r in resumed[1:]), resumed
     assert resumed[1:] == sorted(resumed[1:]) and resumed[-1] < steps  # each attempt got further, none finished
     assert any(k.get("during_save") for k in killed.kills), killed.kills  # at least one kill hit a save in flight
-    straight = run_with_kills(tmp_path / "straight", f"s3://{s3_bucket}/straight", steps, kills=0, nproc=1, seed=0)
+    run_with_kills(tmp_path / "straight", f"s3://{s3_bucket}/straight", steps, kills=0, nproc=1, seed=0)
     a = model_state(f"s3://{s3_bucket}/straight")
     b = model_state(f"s3://{s3_bucket}/killed")
     for key in a:

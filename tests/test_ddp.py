@@ -12,47 +12,10 @@ import pytest
 import torch
 
 from cluster.env import ProcessEnv
-from tests.checkpoint_helpers import model_state
+from tarflow_testing.checkpoint_helpers import model_state
+from tarflow_testing.runs import REPO, TINY, free_port, torchrun, two_agents
 from trainer.config import load_config
 from trainer.loop import train
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.channels=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
-        "train.global_batch=32", "train.micro_batch=8", "schedule.warmup_steps=2", "optim.lr=3e-3",
-        "eval.every=0", "sample.every=0", "sample.num=4", "logging.every=2", "logging.progress=false"]
-
-
-def free_port() -> int:
-    """A port nobody listens on now (fixed ports collide with a previous run's lingering rendezvous socket)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def two_agents(args: list[str]) -> list[str]:
-    """Two torchrun agents of one process each (--nnodes=2) meeting through c10d on loopback: two "nodes"."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = free_port()
-    agents = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
-         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    return outputs
-
-
-def torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-backend=c10d", *args]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
 
 # Per-rank bytes of parameters + gradients + AdamW state, as a fraction of a full fp32 replica's 16 bytes per
 # parameter (4 parameter + 4 gradient + 8 moments), on 2 ranks:
@@ -100,12 +63,12 @@ def test_steps_match_one_process_on_the_same_global_batch(tmp_path, strategy):
 def test_two_rank_training_resumes_bitwise_and_evaluates_the_whole_heldout_split(tmp_path, strategy):
     overrides = [*TINY, f"train.strategy={strategy}", "train.steps=12", "checkpoint.every=4", "checkpoint.keep=5"]
     straight = tmp_path / "straight"
-    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={straight}", *overrides])
+    torchrun(["-m", "tarflow", "train", f"train.run_dir={straight}", *overrides])
     # A crash right after the step-8 checkpoint: a new run directory holding only that checkpoint.
     crashed = tmp_path / "crashed"
     (crashed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step-00000008", crashed / "checkpoints" / "step-00000008")
-    result = torchrun(["-m", "trainer.cli", "train", f"train.run_dir={crashed}", *overrides])
+    result = torchrun(["-m", "tarflow", "train", f"train.run_dir={crashed}", *overrides])
     assert "resumed from step 8" in result.stdout
     a = model_state(straight / "checkpoints" / "step-00000012")
     b = model_state(crashed / "checkpoints" / "step-00000012")
@@ -118,7 +81,7 @@ def test_two_rank_training_resumes_bitwise_and_evaluates_the_whole_heldout_split
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval/images"] for r in records if "eval/images" in r] == [180, 180]
     summary = json.loads((straight / "summary.json").read_text())
-    single = subprocess.run([sys.executable, "-m", "trainer.cli", "eval", str(straight / "checkpoints" /
+    single = subprocess.run([sys.executable, "-m", "tarflow", "eval", str(straight / "checkpoints" /
                              "step-00000012"), "--device", "cpu"], cwd=REPO, capture_output=True, text=True)
     report = json.loads(single.stdout.strip().splitlines()[-1])
     assert report["images"] == 180
@@ -140,8 +103,8 @@ def test_strategy_and_launch_must_agree_before_any_process_group(tmp_path):
 def test_two_nodes_of_one_process_train_exactly_like_one_node_of_two(tmp_path):
     """Multi-node rendezvous through torchrun's c10d backend: two agents (--nnodes=2) on loopback."""
     overrides = [*TINY, "train.strategy=ddp", "train.steps=6", "eval.at_start=false"]
-    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'one_node'}", *overrides])
-    two_agents(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'two_nodes'}", *overrides])
+    torchrun(["-m", "tarflow", "train", f"train.run_dir={tmp_path / 'one_node'}", *overrides])
+    two_agents(["-m", "tarflow", "train", f"train.run_dir={tmp_path / 'two_nodes'}", *overrides])
     a = model_state(tmp_path / "one_node" / "checkpoints" / "step-00000006")
     b = model_state(tmp_path / "two_nodes" / "checkpoints" / "step-00000006")
     for key in a:
@@ -159,13 +122,13 @@ def test_hybrid_sharding_replicates_across_nodes_and_matches_one_process(tmp_pat
 
 
 def test_the_deepspeed_launcher_runs_the_same_entry_point_as_torchrun(tmp_path):
-    """`deepspeed --module trainer.cli train ...` (it appends --local_rank=N) trains exactly like torchrun."""
+    """`deepspeed --module tarflow train ...` (it appends --local_rank=N) trains exactly like torchrun."""
     overrides = [*TINY, "train.strategy=deepspeed", "deepspeed.stage=2", "train.steps=4", "eval.at_start=false"]
-    torchrun(["-m", "trainer.cli", "train", f"train.run_dir={tmp_path / 'torchrun'}", *overrides])
+    torchrun(["-m", "tarflow", "train", f"train.run_dir={tmp_path / 'torchrun'}", *overrides])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     launcher = Path(sys.executable).with_name("deepspeed")
     result = subprocess.run([str(launcher), "--num_accelerators=2", f"--master_port={free_port()}", "--module",
-                             "trainer.cli", "train", f"train.run_dir={tmp_path / 'launcher'}", *overrides],
+                             "tarflow", "train", f"train.run_dir={tmp_path / 'launcher'}", *overrides],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     a = model_state(tmp_path / "torchrun" / "checkpoints" / "step-00000004")

@@ -16,7 +16,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ResponseStreamingError
 
-from tests.fault_proxy import FaultProxy
+from tarflow_testing.fault_proxy import FaultProxy
 
 MiB = 1 << 20
 

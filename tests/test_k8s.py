@@ -23,8 +23,8 @@ from kubeflow_trainer_api.models import JobsetV1alpha2JobSet
 
 from cluster.env import discover
 from cluster.k8s import FLAVORS, K8sJob, render, to_yaml
-from cluster.launch_cli import main as launch_main
 from cluster.launch_cli import parse_toleration
+from tarflow.main import main as launch_main
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -254,7 +254,8 @@ def test_tolerations_from_the_command_line():
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_cli_renders_valid_manifests(flavor, capsys):
     assert launch_main(["launch", "k8s", str(REPO / "configs/digits.yaml"), "train.steps=5", "--image", "img:1",
-                        "--flavor", flavor, "--nodes", "2", "--gpus-per-node", "4", "--s3-secret", "s3", "--checkpoint-uri", "s3://b/r",
+                        "--flavor", flavor, "--nodes", "2", "--gpus-per-node", "4", "--s3-secret", "s3",
+                        "--checkpoint-uri", "s3://b/r",
                         "--node-selector", "pool=gpu", "--toleration", "nvidia.com/gpu:NoSchedule"]) == 0
     objs = list(yaml.safe_load_all(capsys.readouterr().out))
     _validate(objs)

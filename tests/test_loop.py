@@ -8,7 +8,7 @@ import torch
 
 import trainer.strategies.single as strategy_module
 from models import TarFlow
-from tests.checkpoint_helpers import steps, strategy_state
+from tarflow_testing.checkpoint_helpers import steps, strategy_state
 from trainer.config import load_config
 from trainer.loop import NonFiniteLossError, train
 

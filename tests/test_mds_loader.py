@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import storage
+from data_pipeline import build_loader, dataset_info
 from data_pipeline.codecs import CorruptSampleError, encode_image
 from data_pipeline.config import DataConfig
 from data_pipeline.manifest import MANIFEST_NAME, Manifest, ShardInfo, sha256_file
-from data_pipeline import build_loader, dataset_info
 from data_pipeline.mds_loader import MDSLoader
+from data_pipeline.s3 import clear_s3_clients
 from data_pipeline.sources import open_source
 from data_pipeline.storage import DataSourceError
 from data_pipeline.writer import write_dataset
@@ -390,7 +390,7 @@ def test_unreachable_endpoint(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    storage._client.cache_clear()  # boto3 clients read the endpoint when they are made
+    clear_s3_clients()  # boto3 clients read the endpoint when they are made
     try:
         with pytest.raises(DataSourceError, match="cannot reach the S3 endpoint"):
             MDSLoader(_cfg("s3://bucket/digits", tmp_path), "train", 8, seed=0)
@@ -398,7 +398,7 @@ def test_unreachable_endpoint(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match="S3_ENDPOINT_URL=.* differs"):
             MDSLoader(_cfg("s3://bucket/digits", tmp_path), "train", 8, seed=0)
     finally:
-        storage._client.cache_clear()
+        clear_s3_clients()
 
 
 # -- setup errors ------------------------------------------------------------------------------------------------------
@@ -442,7 +442,7 @@ def test_rank_arguments_must_agree_with_the_environment(digits_mds, tmp_path, mo
 def test_stale_shared_memory_is_removed_live_is_kept():
     from multiprocessing.shared_memory import SharedMemory
 
-    from data_pipeline import mds_loader
+    from data_pipeline import mds_streaming
 
     stale = Path("/dev/shm/999990_locals")
     if not Path("/dev/shm").is_dir():
@@ -450,10 +450,10 @@ def test_stale_shared_memory_is_removed_live_is_kept():
     stale.write_bytes(b"\0" * 8)  # what a killed run leaves: a segment no process maps
     live = SharedMemory("999991_locals", create=True, size=8)
     try:
-        mds_loader._SHM_CLEANED = False
-        assert mds_loader.clean_stale_shared_memory() >= 1
+        mds_streaming._SHM_CLEANED = False
+        assert mds_streaming.clean_stale_shared_memory() >= 1
         assert not stale.exists() and Path("/dev/shm/999991_locals").exists()
-        assert mds_loader.clean_stale_shared_memory() == 0  # once per process
+        assert mds_streaming.clean_stale_shared_memory() == 0  # once per process
     finally:
         stale.unlink(missing_ok=True)
         live.close()

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from trainer.noise import corrupt, dequantize, denoise_std, drop_labels, to_8bit
+from trainer.noise import corrupt, denoise_std, dequantize, drop_labels, to_8bit
 
 
 def normalised(k: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from models import TarFlow, TarFlowConfig
 from trainer.config import OptimConfig, load_config

@@ -13,8 +13,8 @@ import boto3
 import pytest
 import torch
 
-from tests.checkpoint_helpers import model_state, steps
-from tests.test_ddp import REPO, TINY, free_port
+from tarflow_testing.checkpoint_helpers import model_state, steps
+from tarflow_testing.runs import REPO, TINY, free_port
 from trainer.checkpoint import CheckpointError
 from trainer.config import load_config
 from trainer.loop import train
@@ -25,7 +25,7 @@ STEPS = ["train.steps=12", "checkpoint.every=4", "checkpoint.keep=5", "eval.at_s
 def torchrun(args, nproc=2, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d", "-m", "trainer.cli", "train", *args]
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d", "-m", "tarflow", "train", *args]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -83,7 +83,7 @@ def test_fsdp_checkpoints_reshard_between_two_ranks_and_one(tmp_path, s3_bucket)
                   "train.steps=8", nproc=resumed)
         assert "resumed from step 8" in out.stdout and f"checkpoint has RNG states of {saved} ranks" in out.stdout
         summary = json.loads((tmp_path / f"w{saved}to{resumed}" / "summary.json").read_text())
-        single = subprocess.run([sys.executable, "-m", "trainer.cli", "eval", f"{uri}/step-00000008", "--device",
+        single = subprocess.run([sys.executable, "-m", "tarflow", "eval", f"{uri}/step-00000008", "--device",
                                  "cpu"], cwd=REPO, capture_output=True, text=True, check=True)
         report = json.loads(single.stdout.strip().splitlines()[-1])
         # One rank draws the same dequantisation noise as the one-process evaluation; two ranks draw their own.
@@ -103,7 +103,7 @@ def test_sigterm_saves_exits_with_the_requeue_code_and_resumes_exactly(tmp_path,
     run_dir = tmp_path / "preempted"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d", "-m", "trainer.cli", "train",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-backend=c10d", "-m", "tarflow", "train",
            *overrides, f"train.run_dir={run_dir}", f"checkpoint.uri={uri}"]
     agent = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120

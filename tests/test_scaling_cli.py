@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scaling.cli import main
 from scaling.results import read_csv
+from tarflow.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,8 @@ def test_errors_are_reported_as_such(tmp_path, capsys):
         sizes: {chanels: [8]}
     """))
     assert main(["scale", "run", str(bad)]) == 2
-    assert "unknown key 'sizes.chanels'; did you mean 'sizes.channels'?" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown config key 'sizes.chanels' (from the study); did you mean 'sizes.channels'?" in err
     assert main(["scale", "fit", str(tmp_path)]) == 2
     assert "no results.csv" in capsys.readouterr().err
 

@@ -14,7 +14,8 @@ DRAW = 1
 
 
 def synthetic(E, A, alpha, noise, *, seeds=3, sizes=6, lo=1e3, hi=1e6, rng_seed=DRAW) -> Points:
-    """``sizes`` log-spaced x × ``seeds`` runs, each with multiplicative (lognormal) noise of relative size ``noise``."""
+    """``sizes`` log-spaced x × ``seeds`` runs, each with multiplicative (lognormal) noise of relative size
+    ``noise``."""
     rng = np.random.default_rng(rng_seed)
     x = np.repeat(np.geomspace(lo, hi, sizes), seeds)
     loss = (E + A * x ** -alpha) * np.exp(noise * rng.standard_normal(len(x)))

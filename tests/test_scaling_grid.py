@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from scaling.cli import main
+from scaling.plan import plan_study
 from scaling.results import PointResult, format_grid_summary, grid_summary, markdown_table, read_csv, write_csv
-from scaling.study import StudyError, plan_study, study_from_dict
+from scaling.spec import StudyError
+from scaling.validate import study_from_dict
+from tarflow.main import main
 from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ def test_a_noise_grid_without_gaussian_noise_is_an_error(tmp_path):
 @pytest.mark.parametrize("fid, message", [
     ({"num_samples": 0}, "fid.num_samples: must be >= 1"),
     ({"split": "test"}, "fid.split: must be train or heldout"),
-    ({"samples": 10}, "unknown key 'fid.samples'; did you mean 'fid.num_samples'?"),
+    ({"samples": 10}, "unknown config key 'fid.samples' (from the study); did you mean 'fid.num_samples'?"),
     ("tiny-random", "'fid' is a section"),
 ])
 def test_fid_section_errors(fid, message):

@@ -1,4 +1,5 @@
-"""scaling.study: the study spec (typed, errors naming the file and key) and the plan of points it expands to."""
+"""scaling.spec / scaling.validate: the study spec (typed, errors naming the file and key); scaling.plan: the points
+it expands to."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from models import TarFlow, num_parameters
-from scaling.study import (StudyError, budget_name, expand_sizes, load_study, parameter_counts, plan_study,
-                           study_from_dict)
+from scaling.plan import budget_name, expand_sizes, plan_study
+from scaling.spec import StudyError
+from scaling.validate import load_study, study_from_dict
+from trainer.api import parameter_counts
 from trainer.config import load_config
 from trainer.flops import flops_per_image
 
@@ -99,15 +102,17 @@ def test_a_study_file_loads_and_its_config_is_found_from_the_working_directory(t
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"sizes": {"chanels": [16]}}, "unknown key 'sizes.chanels'; did you mean 'sizes.channels'?"),
-    ({"budget": [{"steps": 3}]}, "unknown key 'budget'; did you mean 'budgets'?"),
-    ({"run": {"were": "local"}}, "unknown key 'run.were'; did you mean 'run.where'?"),
+    ({"sizes": {"chanels": [16]}},
+     "unknown config key 'sizes.chanels' (from the study); did you mean 'sizes.channels'?"),
+    ({"budget": [{"steps": 3}]}, "unknown config key 'budget' (from the study); did you mean 'budgets'?"),
+    ({"run": {"were": "local"}}, "unknown config key 'run.were' (from the study); did you mean 'run.where'?"),
     ({"run": {"where": "cloud"}}, "run.where: must be one of local, slurm, k8s, got 'cloud'"),
     ({"run": {"where": "k8s"}}, "run.k8s.image: run.where=k8s needs a container image"),
     ({"budgets": [{"steps": 10, "images": 100}]}, "budgets[0]: give exactly one of steps, images or flops"),
     ({"budgets": [{"steps": 0}]}, "budgets[0].steps: must be > 0"),
     ({"budgets": [{"steps": 10}, {"steps": 10}]}, "budgets[1]: duplicate budget steps=10"),
-    ({"budgets": [{"stepz": 10}]}, "unknown key 'budgets[0].stepz'; did you mean 'budgets[0].steps'?"),
+    ({"budgets": [{"stepz": 10}]},
+     "unknown config key 'budgets[0].stepz' (from the study); did you mean 'budgets[0].steps'?"),
     ({"sizes": {"channels": ["wide"]}}, "sizes.channels"),
     ({"sizes": []}, "sizes: the list of named sizes is empty"),
     ({"sizes": [{"channels": 16}]}, "sizes[0].name: every named size needs a name"),

@@ -24,10 +24,11 @@ import pytest
 import torch
 
 from cluster.env import slurm_master_port
-from cluster.launch_cli import main as launch_main
-from cluster.slurm import PREEMPTION_EXIT_CODE, Submission, SlurmJob, render_sbatch, submit, time_limit_seconds
-from tests.checkpoint_helpers import model_state
-from tests.test_ddp import TINY, torchrun
+from cluster.run_contract import PREEMPTION_EXIT_CODE
+from cluster.slurm import SlurmJob, Submission, render_sbatch, submit, time_limit_seconds
+from tarflow.main import main as launch_main
+from tarflow_testing.checkpoint_helpers import model_state
+from tarflow_testing.runs import TINY, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -59,7 +60,7 @@ def test_rendered_script_is_valid_bash_with_requeue_signal_and_c10d(tmp_path):
     assert step.endswith(" &")  # in the background, so that the USR1 trap runs while the step does
     for part in ("--cpus-per-task=16", "-m torch.distributed.run", '--nnodes="$SLURM_NNODES"', "--nproc_per_node=4",
                  "--rdzv_backend=c10d", '--rdzv_endpoint="$HEAD_NODE:$RDZV_PORT"', '--rdzv_id="$SLURM_JOB_ID"',
-                 f"-m trainer.cli train {REPO}/configs/digits.yaml train.steps=20 train.resume=auto "
+                 f"-m tarflow train {REPO}/configs/digits.yaml train.steps=20 train.resume=auto "
                  f"train.run_dir={tmp_path}/run"):
         assert part in step, part
     assert "scontrol requeue" in text and "SIGUSR1" in text  # torchrun must pass USR1 on
@@ -308,7 +309,7 @@ CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # sbatch passes the submitter'
 
 def launch(run_dir: Path, *options: str, overrides: tuple[str, ...] = ()) -> Submission:
     """``tarflow launch slurm`` as a user types it; the job runs the tiny digits model on CPU."""
-    done = subprocess.run([sys.executable, "-m", "trainer.cli", "launch", "slurm", *options, "--time", "5",
+    done = subprocess.run([sys.executable, "-m", "tarflow", "launch", "slurm", *options, "--time", "5",
                            "--signal-grace", "60", "--job-name", f"test-{run_dir.name}", *overrides,
                            f"train.run_dir={run_dir}"], cwd=REPO, env=CPU_ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -355,7 +356,7 @@ def test_two_node_training_preempted_by_usr1_is_requeued_and_matches_an_uninterr
     run_dir, straight = tmp_path / "preempted", tmp_path / "straight"
     sub = launch(run_dir, "--nodes", "2", "--max-restarts", "2", overrides=RUN)
     with ThreadPoolExecutor(1) as pool:  # the uninterrupted run, meanwhile
-        uninterrupted = pool.submit(torchrun, ["-m", "trainer.cli", "train", f"train.run_dir={straight}", *RUN])
+        uninterrupted = pool.submit(torchrun, ["-m", "tarflow", "train", f"train.run_dir={straight}", *RUN])
         end = time.monotonic() + 90
         while _steps_logged(run_dir) < 5:
             assert _scontrol(sub.job_id)["JobState"] in ("PENDING", "RUNNING"), _log(sub)
@@ -400,16 +401,16 @@ def mds_digits(tmp_path_factory):
 
 
 def test_plain_srun_tasks_train_like_torchrun_ranks_on_mds_shards(slurm_up, mds_digits, tmp_path):
-    """`srun -n 2 python -m trainer.cli train`: no torchrun, so the ranks come from SLURM's variables, the
+    """`srun -n 2 python -m tarflow train`: no torchrun, so the ranks come from SLURM's variables, the
     rendezvous is tcp:// to the first node, and streaming gets torchrun's variables from cluster.env (both ranks on
     one node share its cache). Bitwise the same as torchrun's two ranks."""
     run = [*TINY, "train.strategy=ddp", "train.steps=4", "eval.at_start=false", "eval.every=0", "data.format=mds",
            f"data.uri={mds_digits}"]
     srun = subprocess.Popen(["srun", "--nodes=1", "--ntasks=2", "--time=3", "--job-name=test-plain-srun",
-                             "--kill-on-bad-exit=1", sys.executable, "-m", "trainer.cli", "train", *run,
+                             "--kill-on-bad-exit=1", sys.executable, "-m", "tarflow", "train", *run,
                              f"train.run_dir={tmp_path / 'srun'}"], cwd=REPO, env=CPU_ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    torchrun(["-m", "trainer.cli", "train", *run, f"train.run_dir={tmp_path / 'torchrun'}"])
+    torchrun(["-m", "tarflow", "train", *run, f"train.run_dir={tmp_path / 'torchrun'}"])
     out = srun.communicate(timeout=180)[0]
     assert srun.returncode == 0, out
     assert "done: step 4" in out, out

@@ -1,4 +1,3 @@
-import boto3
 import pytest
 
 from data_pipeline.storage import DataSourceError, exists, join, read_bytes, split_s3, upload_file

@@ -7,14 +7,12 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import threading
 import time
-from pathlib import Path
 
 import boto3
 import pytest
 
-from trainer.stores import (ObjectInfo, ObjectNotFound, S3Store, LocalStore, StoreError, TMP_MARK, open_store)
+from trainer.stores import TMP_MARK, LocalStore, ObjectInfo, ObjectNotFound, S3Store, StoreError, open_store
 
 MiB = 1 << 20
 # Tiny delays and no botocore-level retries, so that the proxy sees exactly our attempts and tests stay fast.
@@ -117,36 +115,11 @@ def test_delete(store):
     assert store.list() == []
 
 
-def test_put_bytes_if_absent_is_create_only(store):
-    assert store.put_bytes_if_absent("step-1/COMMIT", b"first") is True
-    assert store.put_bytes_if_absent("step-1/COMMIT", b"second") is False
-    assert store.put_bytes_if_absent("step-1/COMMIT", b"first") is False  # same bytes: still not ours
-    assert store.get_bytes("step-1/COMMIT") == b"first"
-
-
-def test_put_bytes_if_absent_has_one_winner_under_contention(store):
-    results: list[bool] = []
-    barrier = threading.Barrier(6)
-
-    def claim(i: int) -> None:
-        barrier.wait()
-        results.append(store.put_bytes_if_absent("lock", f"writer {i}".encode()))
-
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == [False] * 5 + [True]
-    assert store.get_bytes("lock") in {f"writer {i}".encode() for i in range(6)}
-
-
 @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "..", "a//b", "a/", "./a", "a/./b", "a\\b",
                                  f"x{TMP_MARK}1-ab"])
 def test_bad_keys_are_rejected(store, key, tmp_path):
     for call in (lambda: store.put_bytes(key, b"x"), lambda: store.get_bytes(key), lambda: store.exists(key),
-                 lambda: store.delete([key]), lambda: store.put_bytes_if_absent(key, b"x"),
-                 lambda: store.get_file(key, tmp_path / "f")):
+                 lambda: store.delete([key]), lambda: store.get_file(key, tmp_path / "f")):
         with pytest.raises(StoreError, match="invalid key"):
             call()
 
@@ -318,25 +291,12 @@ def test_s3_corrupt_multipart_download_is_caught_by_our_sha256(s3_bucket, fault_
 
 def test_s3_always_corrupt_download_fails_after_all_attempts(s3_bucket, fault_proxy, tmp_path):
     store = S3Store(s3_bucket, **FAST)
-    store.put_bytes("k", data := os.urandom(1000))
+    store.put_bytes("k", os.urandom(1000))
     fault_proxy.corrupt_next(100, method="GET", path_contains="/k")
     with pytest.raises(StoreError, match="after 3 attempts") as err:
         store.get_file("k", tmp_path / "k")
     assert "checksum" in str(err.value).lower()  # botocore's check of S3's SHA256 (single-part object) fired
     assert not (tmp_path / "k").exists() and os.listdir(tmp_path) == []
-
-
-def test_s3_lost_response_of_a_conditional_create_is_still_ours(s3_bucket, fault_proxy):
-    store = S3Store(s3_bucket, **FAST)
-    # The create reaches S3 but its answer is lost; our retry then gets 412 and finds our own bytes there.
-    fault_proxy.lose_response_next(1, method="PUT", path_contains="COMMIT")
-    assert store.put_bytes_if_absent("step-1/COMMIT", b"mine") is True
-    assert fault_proxy.count("PUT", "COMMIT") == 2
-    # Someone else's bytes: not ours, even after a lost answer.
-    store.put_bytes("step-2/COMMIT", b"theirs")
-    fault_proxy.drop_next(1, method="PUT", path_contains="step-2/COMMIT", after_bytes=1 << 30)
-    assert store.put_bytes_if_absent("step-2/COMMIT", b"mine") is False
-    assert store.get_bytes("step-2/COMMIT") == b"theirs"
 
 
 def test_s3_access_denied_fails_at_once(s3_bucket, fault_proxy, tmp_path):

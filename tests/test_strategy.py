@@ -54,7 +54,8 @@ def test_nonfinite_loss_or_gradient_skips_the_update():
 
 
 def test_unknown_strategy_names_the_choices():
-    with pytest.raises(ValueError, match=r"train.strategy='ddp2' is not one of \['ddp', 'deepspeed', 'fsdp', 'single'\]"):
+    with pytest.raises(ValueError,
+                       match=r"train.strategy='ddp2' is not one of \['ddp', 'deepspeed', 'fsdp', 'single'\]"):
         build_strategy("ddp2", torch.device("cpu"))
 
 
@@ -74,3 +75,9 @@ def test_save_and_load_state_round_trip_model_and_optimizer(tmp_path):
         assert torch.equal(p, q)
     exported = SingleDevice.export_model_state(tmp_path)
     assert exported.keys() == a.model.state_dict().keys()
+
+
+def test_the_registry_knows_which_strategies_need_a_launcher():
+    from trainer.strategies import DISTRIBUTED, STRATEGIES
+
+    assert set(STRATEGIES) == {"single", "ddp", "fsdp", "deepspeed"} and DISTRIBUTED == {"ddp", "fsdp", "deepspeed"}

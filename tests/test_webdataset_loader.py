@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline import dataset_info
 from data_pipeline.codecs import CorruptSampleError
 from data_pipeline.config import DataConfig
 from data_pipeline.sources import Source, open_source
 from data_pipeline.storage import DataSourceError
 from data_pipeline.transforms import flip_decision
-from data_pipeline import dataset_info
 from data_pipeline.webdataset_loader import WebDatasetLoader
 from data_pipeline.writer import write_dataset
 
@@ -141,7 +141,7 @@ def test_ranks_and_workers_read_disjoint_samples_and_epochs_reshuffle(data_dir):
     kw = dict(world_size=2, num_workers=2)
     loaders = [_loader(data_dir, rank=r, **kw) for r in range(2)]
     bpe = loaders[0].batches_per_epoch
-    assert loaders[1].batches_per_epoch == bpe == N_TRAIN // 8 and loaders[0].num_samples == bpe * 4
+    assert loaders[1].batches_per_epoch == bpe == N_TRAIN // 8 and loaders[0].samples_per_epoch == bpe * 4
     runs = [_take(l, 2 * bpe) for l in loaders]
     epoch0 = [_keys(run[:bpe]) for run in runs]
     epoch1 = [_keys(run[bpe:]) for run in runs]
@@ -180,7 +180,7 @@ def test_heldout_covers_every_sample_once_across_ranks(data_dir, num_workers):
     for rank in range(2):
         loader = _loader(data_dir, "heldout", rank=rank, world_size=2, num_workers=num_workers)
         batches = _take(loader)
-        assert len(batches) == loader.batches_per_epoch and sum(len(b[2]) for b in batches) == loader.num_samples
+        assert len(batches) == loader.batches_per_epoch and sum(len(b[2]) for b in batches) == loader.samples_per_epoch
         for x, y, ks in batches:
             for image, label, key in zip(_to_u8(x), y.tolist(), ks):  # never flipped
                 assert np.array_equal(image, samples[key][0]) and label == samples[key][1]
@@ -233,13 +233,13 @@ def test_two_processes_read_their_parts_from_s3(s3_data):
 @pytest.fixture
 def closed_endpoint(s3_server, monkeypatch):
     """Point boto3 at a closed loopback port (fresh clients before and after)."""
-    from data_pipeline import storage
+    from data_pipeline.s3 import clear_s3_clients
 
-    storage._client.cache_clear()
+    clear_s3_clients()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     yield
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    storage._client.cache_clear()
+    clear_s3_clients()
 
 
 def test_unreachable_endpoint_is_a_clear_error(s3_data, closed_endpoint):
@@ -248,13 +248,13 @@ def test_unreachable_endpoint_is_a_clear_error(s3_data, closed_endpoint):
 
 
 def test_endpoint_lost_after_start_names_the_shard(s3_data, monkeypatch):
-    from data_pipeline import storage
+    from data_pipeline.s3 import clear_s3_clients
 
     loader = _loader(s3_data, "heldout", num_workers=1)  # manifest read while the endpoint is up
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the forked worker makes a new client
     with pytest.raises(DataSourceError, match=r"cannot reach the S3 endpoint for s3://.*/heldout/shard-\d+\.tar"):
         _take(loader)
-    storage._client.cache_clear()
+    clear_s3_clients()
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

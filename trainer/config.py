@@ -18,7 +18,7 @@ from typing import Any, List, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cluster.slurm import PREEMPTION_EXIT_CODE
+from cluster.run_contract import PREEMPTION_EXIT_CODE
 from data_pipeline.config import DataConfig
 from models import TarFlowConfig
 
@@ -60,7 +60,8 @@ class TrainConfig:
     label_drop: float = 0.1  # probability of dropping a label (→ −1) for classifier-free guidance
     seed: int = 0
     device: str = "auto"     # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on bf16-capable CUDA, fp32 otherwise and for uniform noise) | fp32 | bf16
+    # auto (bf16 autocast on bf16-capable CUDA, fp32 otherwise and for uniform noise) | fp32 | bf16
+    precision: str = "auto"
     strategy: str = "single"  # single | ddp | fsdp | deepspeed (all but single under torchrun or deepspeed)
     activation_checkpointing: int = 0  # recompute every k-th transformer layer in backward (1: all; 0: off)
     compile: bool = False    # torch.compile each transformer layer (first steps slower while it compiles)
@@ -154,10 +155,16 @@ class Config:
 
 NOISE_KINDS = ("uniform", "gaussian")
 PRECISIONS = ("auto", "fp32", "bf16")
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")  # trainer.strategy's registry (a test keeps them equal)
 
 
 # ---------------------------------------------------------------- loading
+def split_config_and_overrides(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``tarflow train [CONFIG] [key=value ...]``: the first argument is a config file unless it is an override."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
     """Defaults (or ``base``) ← YAML file ← ``key=value`` overrides, checked and validated; the typed config."""
     merged: DictConfig = OmegaConf.structured(base if base is not None else Config)
@@ -232,7 +239,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.noise_std > 0, "train.noise_std", f"must be > 0, got {t.noise_std}")
     _require(0 <= t.label_drop < 1, "train.label_drop", f"must be in [0, 1), got {t.label_drop}")
     _require(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
-    _require(t.strategy in STRATEGIES, "train.strategy", f"must be one of {STRATEGIES}, got {t.strategy!r}")
+    from .strategies import STRATEGIES  # the registry itself; imported here because strategies import this module
+
+    _require(t.strategy in STRATEGIES, "train.strategy", f"must be one of {tuple(STRATEGIES)}, got {t.strategy!r}")
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
              f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _require(cfg.fsdp.unit in ("layer", "block"), "fsdp.unit", f"must be layer or block, got {cfg.fsdp.unit!r}")

@@ -88,24 +88,6 @@ def flops_per_image(config: TarFlowConfig) -> FlopCount:
     )
 
 
-def sampling_flops_per_image(config: TarFlowConfig, guidance: bool) -> int:
-    """Matmul FLOPs to sample one image with the KV-cached sampler (``TarFlow.reverse``); analytic.
-
-    Every block decodes T − 1 tokens one at a time; at step i (0-based) the query attends over the i + 1 cached
-    keys, so attention is causal by construction here: Σ 4·(i+1)·C = 2·T·(T−1)·C per layer and block, about half
-    of training's full-L×L convention. With guidance the conditional and unconditional branches run as two rows
-    per image through the transformer and ``proj_out``; ``proj_in`` runs once per image (both branches decode the
-    same token and differ only in the class term added after it)."""
-    c = config
-    T, D, C, e = c.num_patches, c.patch_dim, c.channels, c.expansion
-    out_dim = 2 * D if c.nvp else D
-    steps = T - 1
-    rows = 2 if guidance else 1
-    per_layer = steps * 2 * C * (3 * C + C + 2 * e * C) + 2 * T * (T - 1) * C
-    per_row = steps * 2 * C * out_dim + c.layers_per_block * per_layer
-    return c.num_blocks * (steps * 2 * D * C + rows * per_row)
-
-
 def mfu(flops_per_second: float, peak_flops_per_second: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s (e.g. ``train`` × images/s) over the hardware peak."""
     if peak_flops_per_second <= 0:

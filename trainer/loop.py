@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,30 +14,29 @@ import torch
 from omegaconf import OmegaConf
 
 from cluster.env import ProcessEnv, discover
+from cluster.run_contract import PREEMPTED_FILE, SUMMARY_FILE  # the run contract launchers read
 from data_pipeline import build_loader, dataset_info
 from models import TarFlow, num_parameters
 
 from .activation_checkpointing import apply_activation_checkpointing, compile_layers
-from .checkpoint.export import RUN_FILE
-from .checkpoint import (CheckpointError, CheckpointManager, Manifest, Ranks, atomic_write_text,
-                         split_checkpoint_uri, step_name)
-from .config import Config, config_hash, from_yaml_text, model_differences, to_yaml, validate
-from .distributed import all_reduce_sum, barrier, gather_objects, process_group
-from .evaluate import heldout_bits_per_dim
+from .checkpoint import atomic_write_text
+from .checkpoint.run_checkpointer import RunCheckpointer
+from .config import Config, to_yaml, validate
+from .distributed import all_reduce_sum, process_group
+from .evaluation.bpd import collective_bits_per_dim
+from .evaluation.grids import grid_settings, sample_grids, save_grids
+from .evaluation.sampler import fixed_noise_and_labels
 from .flops import default_peak_flops, flops_per_image, mfu
 from .metric_sinks import ConsoleSink, JsonlSink, MetricLogger, WandbSink
 from .noise import corrupt, denoise_std, drop_labels
 from .optim import build_schedule
 from .preemption import PreemptionGuard
-from .run_state import RunState, capture_rng, restore_rng, seed_everything
+from .run_state import seed_everything
 from .runtime import resolve_device, resolve_precision
-from .sampling import SampleResult, fixed_noise_and_labels, generate, sample_config_guidances, save_grids
-from .stores import open_store
 from .strategies import DISTRIBUTED, check_strategy_config, strategy_from_config
 
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 LOG_BIN = math.log(128.0)
-PREEMPTED_FILE = "preempted.json"  # in run_dir after a run stopped early by a signal or its time limit
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,21 +85,15 @@ class Trainer:
         self.device = device
         self.precision = resolve_precision(t.precision, self.device, t.noise)
         self.run_dir = Path(t.run_dir)
-        c = cfg.checkpoint
-        self.checkpoints = CheckpointManager(
-            open_store(c.uri or str(self.run_dir / "checkpoints")), self.run_dir / ".checkpoint-staging",
-            Ranks.current(env.local_rank), keep=c.keep, keep_every=c.keep_every, async_upload=c.async_upload)
-        if t.resume == "never" and self.checkpoints.steps():
-            raise ValueError(f"train.resume=never but {self.checkpoints} already holds checkpoints; choose "
-                             f"a new train.run_dir (or checkpoint.uri) or resume=auto (refusing to overwrite them)")
+        nodes = self.world_size // env.local_world_size
+        self.strategy = strategy_from_config(cfg, self.device, self.precision.autocast_dtype, self.world_size, nodes)
+        self.checkpoints = RunCheckpointer(cfg, env, self.strategy, device)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
             (self.run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # this attempt's outcome is not known yet
 
         seed_everything(t.seed)  # the same initial model on every rank
-        nodes = self.world_size // env.local_world_size
-        self.strategy = strategy_from_config(cfg, self.device, self.precision.autocast_dtype, self.world_size, nodes)
         model = TarFlow(cfg.model)
         apply_activation_checkpointing(model, t.activation_checkpointing)  # checkpointing → compile → sharding
         if t.compile:
@@ -118,9 +109,7 @@ class Trainer:
         self.heldout_loader = build_loader(cfg.data, "heldout", cfg.eval.batch_size, seed=0, rank=self.rank,
                                            world_size=self.world_size)
         self.window = _Window(self.device)
-        self.state = RunState()
-        self._last_saved_step = -1
-        self._resume()
+        self.state = self.checkpoints.resume(self.train_loader, self.window)
         self.logger = self._build_logger()
         self.flops = flops_per_image(cfg.model)
         self.peak_flops = cfg.logging.peak_flops or default_peak_flops(
@@ -128,65 +117,6 @@ class Trainer:
         self.sample_noise, self.sample_labels = fixed_noise_and_labels(self.model, cfg.sample.num, cfg.sample.seed)
 
     # ---------------------------------------------------------------- setup
-    def _resume(self) -> None:
-        restored = self._find_checkpoint()
-        if restored is None:
-            return
-        manifest, directory = restored
-        where = self.checkpoints if self.cfg.train.resume == "auto" else self.cfg.train.resume
-        if manifest.checkpoint_format != self.strategy.checkpoint_format:
-            raise CheckpointError(f"the checkpoint at step {manifest.step} in {where} was written by "
-                                  f"train.strategy={manifest.strategy} ({manifest.checkpoint_format} format), which "
-                                  f"train.strategy={self.cfg.train.strategy} cannot resume; resume with "
-                                  f"train.strategy={manifest.strategy}")
-        if manifest.checkpoint_format == "deepspeed" and manifest.world_size != self.world_size:
-            raise CheckpointError(f"the DeepSpeed checkpoint at step {manifest.step} in {where} was written by "
-                                  f"{manifest.world_size} ranks and resumes only on as many (this run has "
-                                  f"{self.world_size}); FSDP checkpoints reshard")
-        saved = torch.load(directory / RUN_FILE, map_location="cpu", weights_only=True)
-        differences = model_differences(from_yaml_text(saved["config_yaml"]), self.cfg)
-        if differences:
-            raise CheckpointError(f"the checkpoint at step {manifest.step} in {where} is of a different model: "
-                                  + ", ".join(f"{k} = {a!r} there, {b!r} here" for k, (a, b) in differences.items()))
-        if saved["config_hash"] != config_hash(self.cfg) and self.env.is_main:
-            print(f"note: resuming from a checkpoint written with a different (compatible) config "
-                  f"(step {manifest.step})")
-        self.strategy.load_state(directory)
-        self.state = RunState.from_dict(saved["run"])
-        self.train_loader.load_state_dict(self.state.loader)
-        self.window.load_state_dict(self.state.metric_window)
-        self._last_saved_step = self.state.step
-        if len(self.state.rng) == self.world_size:
-            restore_rng(self.state.rng[self.rank], self.device)
-        else:  # a different number of ranks: the data position is kept, the noise streams start afresh
-            seed_everything(self.cfg.train.seed + self.rank + 7919 * self.state.step)
-            if self.env.is_main:
-                print(f"note: the checkpoint has RNG states of {len(self.state.rng)} ranks, this run has "
-                      f"{self.world_size}; noise is re-seeded")
-        barrier()
-        if self.env.local_rank == 0:
-            shutil.rmtree(directory, ignore_errors=True)
-        if self.env.is_main:
-            print(f"resumed from step {self.state.step} ({where})")
-
-    def _find_checkpoint(self) -> tuple[Manifest, Path] | None:
-        """``auto``: the newest complete checkpoint that verifies; ``never``: none; else the one the URI names."""
-        resume, cache = self.cfg.train.resume, self.run_dir / ".checkpoint-cache"
-        if resume == "never":
-            return None
-        if resume == "auto":
-            return self.checkpoints.restore_latest(cache)
-        root, step = split_checkpoint_uri(resume)
-        if step is None:
-            raise CheckpointError(f"train.resume={resume!r}: expected auto, never, or a checkpoint's URI ending in "
-                                  f"step-NNNNNNNN")
-        explicit = CheckpointManager(open_store(root), self.run_dir / ".checkpoint-staging",
-                                     self.checkpoints.ranks)
-        restored = explicit.restore(step, cache)
-        if restored is None:
-            raise CheckpointError(f"train.resume={resume!r} cannot be restored (see the warning above)")
-        return restored
-
     def _build_logger(self) -> MetricLogger:
         cfg = self.cfg
         if not self.env.is_main:
@@ -224,16 +154,15 @@ class Trainer:
             if not stopped:
                 final_bpd = self.evaluate()
                 grids = self.sample("final_")
-            if self._last_saved_step != state.step:
+            if self.checkpoints.last_saved_step != state.step:
                 self.save_checkpoint()
-            self._finish_save(required=True)
+            self._log_save(self.checkpoints.finish(required=True))
         finally:
             self.checkpoints.wait()  # never leave while an upload is in flight
             guard.close()
             self.logger.close()
         result = TrainResult(run_dir=self.run_dir, step=state.step, initial_bits_per_dim=state.initial_bits_per_dim,
-                             final_bits_per_dim=final_bpd, checkpoint=self.checkpoints.store.uri_for(
-                                 step_name(self._last_saved_step)),
+                             final_bits_per_dim=final_bpd, checkpoint=self.checkpoints.last_uri,
                              sample_grids=grids, nonfinite_steps=state.nonfinite_total,
                              seconds=time.perf_counter() - started, preempted=stopped)
         if self.env.is_main and stopped:
@@ -242,7 +171,7 @@ class Trainer:
                 {"step": state.step, "reason": stopped, "checkpoint": result.checkpoint,
                  "exit_code": cfg.preemption.exit_code}) + "\n")
         if self.env.is_main:
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(
+            atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(
                 {k: str(v) if isinstance(v, Path) else ([str(p) for p in v] if isinstance(v, list) else v)
                  for k, v in result.__dict__.items()}, indent=2) + "\n")
         return result
@@ -306,71 +235,33 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation, samples, checkpoints
     def evaluate(self) -> float:
         """Each rank evaluates its part of the held-out split; the mean is over all of it."""
-        max_images = -(-self.cfg.eval.max_images // self.world_size) if self.cfg.eval.max_images else 0
-        bpd, n = heldout_bits_per_dim(self.model, self.heldout_loader, self.device, max_images=max_images)
-        total, n = all_reduce_sum([bpd * n, float(n)], self.device)
-        bpd = total / n
-        self.logger.log(self.state.step, {"eval/bits_per_dim": bpd, "eval/images": int(n)})
+        bpd, n = collective_bits_per_dim(self.model, self.heldout_loader, self.device,
+                                         max_images=self.cfg.eval.max_images, world_size=self.world_size)
+        self.logger.log(self.state.step, {"eval/bits_per_dim": bpd, "eval/images": n})
         return bpd
 
     def sample(self, prefix: str) -> list[Path]:
         """Each rank samples an equal slice of the fixed noise (the last padded by wrapping around, so that sharded
         models see the same collectives everywhere); rank 0 gathers the slices and writes the grids."""
         cfg, t = self.cfg.sample, self.cfg.train
-        n = len(self.sample_noise)
-        per_rank = -(-n // self.world_size)
-        mine = torch.arange(self.rank * per_rank, (self.rank + 1) * per_rank) % n
-        labels = self.sample_labels[mine] if self.sample_labels is not None else None
+        settings = grid_settings(cfg, denoise_std(t.noise, t.noise_std) if cfg.denoise else None)
         with self.strategy.inference() as model:
-            part = generate(model, self.sample_noise[mine], labels, guidances=sample_config_guidances(cfg),
-                            attn_temp=cfg.attn_temp, annealed=cfg.annealed,
-                            denoise_std=denoise_std(t.noise, t.noise_std) if cfg.denoise else None,
-                            device=self.device, precision=self.precision)
-        parts = gather_objects(part.images)
-        if not self.env.is_main:
+            result = sample_grids(model, self.sample_noise, self.sample_labels, settings, device=self.device,
+                                  precision=self.precision, rank=self.rank, world_size=self.world_size)
+        if result is None:
             return []
-        result = SampleResult({k: torch.cat([p[k] for p in parts])[:n] for k in parts[0]})
         if any(result.nonfinite.values()):  # exp-affine sampling can overflow, mostly early in training
             self.logger.log(self.state.step, {f"sample/nonfinite_{k}": v for k, v in result.nonfinite.items()})
             print(f"note: samples with NaN/Inf values at step {self.state.step}: {result.nonfinite}")
         return save_grids(result, self.run_dir / "samples", prefix, self.sample_labels)
 
     def save_checkpoint(self) -> None:
-        """Collective. Every rank contributes its RNG state and writes its part of the strategy's state; rank 0
-        also the run state. Training waits only for the staging; upload and commit go on in the background."""
-        self._finish_save(required=False)  # the previous save: report it before starting the next
-        state = self.state
-        state.loader = self.train_loader.state_dict()
-        state.rng = gather_objects(capture_rng(self.device))
-        state.metric_window = self.window.state_dict()
-        run = {"run": state.to_dict(), "config_yaml": to_yaml(self.cfg), "config_hash": config_hash(self.cfg)}
-        manifest = Manifest(step=state.step, strategy=self.cfg.train.strategy,
-                            checkpoint_format=self.strategy.checkpoint_format, world_size=self.world_size,
-                            config_hash=run["config_hash"])
+        """Collective; training waits only for the staging. A save's record is logged when its upload is done."""
+        self._log_save(self.checkpoints.save(self.state, self.train_loader, self.window))
 
-        def write(directory: Path) -> None:
-            self.strategy.save_state(directory)
-            if self.env.is_main:
-                torch.save(run, directory / RUN_FILE)
-
-        self.checkpoints.save(state.step, write, manifest)  # logged when its upload is done (_finish_save)
-        self._last_saved_step = state.step
-
-    def _finish_save(self, required: bool) -> None:
-        """Wait for the save in flight and report it; a failed save is a warning mid-run (the previous checkpoint
-        is intact and training goes on), an error when it was the last one (``required``)."""
-        result = self.checkpoints.wait()
-        if result is None or result.reported:
-            return
-        result.reported = True
-        if result.committed:
-            self.logger.log(result.step, {"checkpoint/save_seconds": result.total_seconds,
-                                          "checkpoint/blocked_seconds": result.blocked_seconds})
-            return
-        if required:
-            raise CheckpointError(result.error)
-        warnings.warn(f"{result.error}; training goes on, the previous checkpoint is intact", stacklevel=2)
-        self.logger.log(self.state.step, {"checkpoint/failed_step": result.step})
+    def _log_save(self, record: dict | None) -> None:
+        if record is not None:
+            self.logger.log(record["step"], record["metrics"])
 
 
 def check_launch(cfg: Config, env: ProcessEnv) -> None:
@@ -379,7 +270,7 @@ def check_launch(cfg: Config, env: ProcessEnv) -> None:
     strategy = cfg.train.strategy
     if strategy in DISTRIBUTED and env.scheduler == "none":
         raise ValueError(f"train.strategy={strategy} runs one process per device: launch with torchrun, e.g. "
-                         f"`torchrun --nproc_per_node=2 -m trainer.cli train ...` (or the deepspeed launcher)")
+                         f"`torchrun --nproc_per_node=2 -m tarflow train ...` (or the deepspeed launcher)")
     if strategy not in DISTRIBUTED and env.world_size > 1:
         raise ValueError(f"train.strategy={strategy} but this is one of {env.world_size} processes; choose "
                          f"train.strategy=ddp")

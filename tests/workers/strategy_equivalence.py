@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cluster.env import discover  # noqa: E402
 from models import TarFlow, TarFlowConfig  # noqa: E402
+from tarflow_testing.memory import training_state_bytes  # noqa: E402
 from trainer.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from trainer.config import Config, FSDPConfig, OptimConfig  # noqa: E402
 from trainer.distributed import process_group  # noqa: E402
@@ -29,7 +29,8 @@ LRS = [1e-3 * (k + 1) / STEPS for k in range(STEPS)]  # a changing rate: the str
 
 def global_batches():
     g = torch.Generator().manual_seed(1)
-    return [(torch.rand(GLOBAL_BATCH, 1, 8, 8, generator=g) * 2 - 1, torch.randint(-1, 10, (GLOBAL_BATCH,), generator=g))
+    return [(torch.rand(GLOBAL_BATCH, 1, 8, 8, generator=g) * 2 - 1,
+             torch.randint(-1, 10, (GLOBAL_BATCH,), generator=g))
             for _ in range(STEPS)]
 
 
@@ -64,7 +65,7 @@ def main() -> None:
         if env.rank == 0:  # the one-process reference first: no rank may leave while another still computes
             single = SingleDevice(device)
             ref_losses, ref_params = run(single, 1, 0, bf16=bf16)
-            replica_bytes = single.training_state_bytes()
+            replica_bytes = training_state_bytes(single)
         options = FSDPConfig(unit="block" if "block" in variants else "layer", hybrid="hybrid" in variants,
                              reshard_after_forward="keep" not in variants)
         ds_config = None
@@ -76,7 +77,7 @@ def main() -> None:
         strategy = build_strategy(name, device, torch.bfloat16 if bf16 else None, fsdp=options,
                                   nodes=env.world_size // env.local_world_size, deepspeed_config=ds_config)
         losses, _ = run(strategy, env.world_size, env.rank, int(every or 0), bf16=bf16)
-        held = torch.tensor([strategy.training_state_bytes()], dtype=torch.float64)
+        held = torch.tensor([training_state_bytes(strategy)], dtype=torch.float64)
         dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the fullest rank
         mean = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(mean)

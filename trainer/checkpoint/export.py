@@ -12,11 +12,9 @@ import torch
 
 from ..config import Config, from_yaml_text
 from ..stores import StoreError, open_store
-from .files import CheckpointError, load_checkpoint_file
+from .files import FORMAT_VERSION, CheckpointError, atomic_torch_save, load_checkpoint_file
 from .manager import CheckpointManager, Ranks
-from .manifest import Manifest, split_checkpoint_uri
-
-RUN_FILE = "run_state.pt"  # in every checkpoint, from rank 0: run state and the resolved config
+from .manifest import RUN_FILE, Manifest, split_checkpoint_uri
 
 
 def locate(uri: str) -> tuple[CheckpointManager, list[int]]:
@@ -53,6 +51,16 @@ def consolidated_model(uri: str) -> tuple[dict[str, torch.Tensor], Config, int]:
         run = torch.load(directory / RUN_FILE, map_location="cpu", weights_only=True)
         model = CHECKPOINT_FORMATS[manifest.checkpoint_format].export_model_state(directory)
         return model, from_yaml_text(run["config_yaml"]), step
+
+
+def save_model_file(state: dict[str, torch.Tensor], cfg: Config, step: int, out: Path) -> Path:
+    """A one-file model export (``.pt``) that every command taking a checkpoint URI reads."""
+    from ..config import config_hash, to_yaml
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"format": FORMAT_VERSION, "step": step, "model": state, "config_yaml": to_yaml(cfg),
+                       "config_hash": config_hash(cfg)}, out)
+    return out
 
 
 def listing(uri: str) -> list[dict]:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from .files import CheckpointError
 
 MANIFEST = "manifest.json"
+RUN_FILE = "run_state.pt"  # in every checkpoint, from rank 0: run state and the resolved config
 MANIFEST_VERSION = 2
 _STEP = re.compile(r"step-(\d{8})")
 

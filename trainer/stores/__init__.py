@@ -94,10 +94,6 @@ class Store(abc.ABC):
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo: ...
 
     @abc.abstractmethod
-    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
-        """Atomically create ``key``; False (and nothing written) if it already existed."""
-
-    @abc.abstractmethod
     def get_file(self, key: str, local_path: str | Path, expected_sha256: str | None = None,
                  expected_size: int | None = None) -> None:
         """Download to ``local_path`` (tmp + rename: never a partial file there), verifying what is given."""

@@ -13,8 +13,7 @@ import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from trainer.stores import (TMP_MARK, ObjectInfo, ObjectNotFound, Store, StoreError, check_key, check_prefix,
-                            mismatch)
+from trainer.stores import TMP_MARK, ObjectInfo, ObjectNotFound, Store, StoreError, check_key, check_prefix, mismatch
 
 _CHUNK = 1 << 20
 
@@ -123,22 +122,6 @@ class LocalStore(Store):
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
         return self._put(key, [data])
-
-    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
-        final = self._path(key)
-        try:
-            tmp, _, _ = write_tmp(final, [data])
-            try:
-                # link() fails if the name exists, and readers only ever see the complete, fsynced file.
-                os.link(tmp, final)
-            except FileExistsError:
-                return False
-            finally:
-                tmp.unlink(missing_ok=True)
-            fsync_dir(final.parent)
-            return True
-        except OSError as e:
-            raise StoreError(f"cannot write {self.uri_for(key)}: {e}") from e
 
     # -- reads -------------------------------------------------------------------------------------------------------
 

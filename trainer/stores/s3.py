@@ -9,14 +9,15 @@ downloads are verified against it (and against the caller's expectation). We als
 object that checksum is a checksum of part checksums, not of the content, so it cannot replace ours. (moto stores and
 returns the checksum botocore computes, but does not reject a wrong one, so the tests rely on our metadata.)
 
-Retries: botocore's "standard" mode retries single requests; around each whole operation (one upload, one download,
-one listing, one delete batch) we retry transient failures again, with exponential backoff and full jitter. This
-outer loop also covers what botocore cannot: a corrupted download, a multipart upload that failed as a whole.
+Retries: botocore's "standard" mode retries single requests (the project's one client factory and retry policy,
+``data_pipeline.s3``, with ``client_attempts`` tries per request); around each whole operation (one upload, one
+download, one listing, one delete batch) we retry transient failures again, with exponential backoff and full
+jitter. This outer loop also covers what botocore cannot: a corrupted download, a multipart upload that failed as
+a whole.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import random
@@ -26,16 +27,21 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 from urllib.parse import urlsplit
 
-import boto3
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import (ChecksumError, ClientError, ConnectionError as BotoConnectionError,
-                                 FlexibleChecksumError, HTTPClientError, IncompleteReadError, NoCredentialsError)
+from botocore.exceptions import (
+    ChecksumError,
+    ClientError,
+    FlexibleChecksumError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceededError
 
-from trainer.stores import (ObjectInfo, ObjectNotFound, Store, StoreError, check_key, check_prefix, mismatch,
-                            sha256_file)
+from data_pipeline.s3 import s3_client
+from trainer.stores import ObjectInfo, ObjectNotFound, Store, StoreError, check_key, check_prefix, mismatch, sha256_file
 from trainer.stores.local import tmp_path_for
 
 T = TypeVar("T")
@@ -81,16 +87,6 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, _TRANSIENT_ERRORS)
 
 
-@functools.lru_cache(maxsize=None)
-def _client(pid: int, endpoint: str, access_key: str, max_attempts: int, connect_timeout: float,
-            read_timeout: float):
-    # As data_pipeline.storage.s3_client(): one client per process (boto3 clients are not fork-safe) and per
-    # endpoint/credentials in the environment (boto3 reads them when the client is made), plus our timeouts.
-    config = Config(retries={"total_max_attempts": max_attempts, "mode": "standard"}, connect_timeout=connect_timeout,
-                    read_timeout=read_timeout, max_pool_connections=16)
-    return boto3.session.Session().client("s3", config=config)
-
-
 class S3Store(Store):
     def __init__(self, bucket: str, prefix: str = "", *,
                  attempts: int = 5, base_delay: float = 0.5, max_delay: float = 30.0,
@@ -124,9 +120,9 @@ class S3Store(Store):
         return f"S3Store({self.uri_for('')!r})"
 
     def _s3(self):
-        env = os.environ
-        return _client(os.getpid(), env.get("AWS_ENDPOINT_URL", "") + env.get("AWS_ENDPOINT_URL_S3", ""),
-                       env.get("AWS_ACCESS_KEY_ID", ""), *self._client_args)
+        # The project's one client factory and retry policy (data_pipeline.s3), with this store's tries per request.
+        attempts, connect_timeout, read_timeout = self._client_args
+        return s3_client(attempts=attempts, connect_timeout=connect_timeout, read_timeout=read_timeout)
 
     def _endpoint(self) -> str:
         url = urlsplit(self._s3().meta.endpoint_url)
@@ -213,28 +209,6 @@ class S3Store(Store):
             Bucket=self.bucket, Key=full, Body=data, ChecksumAlgorithm="SHA256", Metadata={"sha256": digest}))
         return ObjectInfo(key, len(data), digest)
 
-    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
-        full = self._full(key)
-        digest = hashlib.sha256(data).hexdigest()
-
-        def attempt(n: int) -> bool:
-            try:
-                self._s3().put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*",
-                                      ChecksumAlgorithm="SHA256", Metadata={"sha256": digest})
-                return True
-            except ClientError as e:
-                if _code(e)[1] != 412:
-                    raise
-                retried = n > 1 or e.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) > 0
-                if not retried:
-                    return False
-            # 412 after a retry: an earlier try whose response was lost may have been the one that created it.
-            # If the object holds exactly our bytes we count it as ours (an identical claim is the same claim).
-            head = self._s3().head_object(Bucket=self.bucket, Key=full)
-            return head.get("Metadata", {}).get("sha256") == digest
-
-        return self._retry("create", key, attempt)
-
     # -- reads -------------------------------------------------------------------------------------------------------
 
     def _verify(self, key: str, digest: str, size: int, stored_sha: str | None, stored_size: int | None,
@@ -253,6 +227,15 @@ class S3Store(Store):
                 raise _Corrupt(mismatch(uri, "sha256", expected_sha256, digest))
             raise StoreError(mismatch(uri, "sha256", expected_sha256, digest))
 
+    def _existing(self, key: str, request):
+        """``request()``, with S3's not-found answers turned into the store's ObjectNotFound naming the key."""
+        try:
+            return request()
+        except ClientError as e:
+            if _code(e)[0] in _NOT_FOUND:
+                raise self._missing(key) from None
+            raise
+
     def get_file(self, key: str, local_path: str | Path, expected_sha256: str | None = None,
                  expected_size: int | None = None) -> None:
         full = self._full(key)
@@ -260,12 +243,7 @@ class S3Store(Store):
         dest.parent.mkdir(parents=True, exist_ok=True)
 
         def attempt(_: int) -> None:
-            try:
-                head = self._s3().head_object(Bucket=self.bucket, Key=full)
-            except ClientError as e:
-                if _code(e)[0] in _NOT_FOUND:
-                    raise self._missing(key) from None
-                raise
+            head = self._existing(key, lambda: self._s3().head_object(Bucket=self.bucket, Key=full))
             tmp = tmp_path_for(dest)
             try:
                 self._s3().download_file(self.bucket, full, str(tmp), Config=self.transfer)
@@ -282,12 +260,7 @@ class S3Store(Store):
         full = self._full(key)
 
         def attempt(_: int) -> bytes:
-            try:
-                response = self._s3().get_object(Bucket=self.bucket, Key=full)
-            except ClientError as e:
-                if _code(e)[0] in _NOT_FOUND:
-                    raise self._missing(key) from None
-                raise
+            response = self._existing(key, lambda: self._s3().get_object(Bucket=self.bucket, Key=full))
             # botocore checks S3's checksum of a single-part object while reading (FlexibleChecksumError: retried).
             data = response["Body"].read()
             self._verify(key, hashlib.sha256(data).hexdigest(), len(data), response.get("Metadata", {}).get("sha256"),

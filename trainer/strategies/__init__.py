@@ -12,11 +12,11 @@ from .deepspeed_zero import DeepSpeedZeRO
 from .fsdp import FullyShardedDataParallel
 from .single import SingleDevice
 
-STRATEGIES = {"single": SingleDevice, "ddp": DistributedDataParallel, "fsdp": FullyShardedDataParallel,
-              "deepspeed": DeepSpeedZeRO}
+STRATEGIES = {cls.name: cls for cls in (SingleDevice, DistributedDataParallel, FullyShardedDataParallel,
+                                         DeepSpeedZeRO)}
 # Which class reads each checkpoint format (single and DDP share one).
 CHECKPOINT_FORMATS = {cls.checkpoint_format: cls for cls in (SingleDevice, FullyShardedDataParallel, DeepSpeedZeRO)}
-DISTRIBUTED = {"ddp", "fsdp", "deepspeed"}  # strategies that run one process per device (torchrun, deepspeed)
+DISTRIBUTED = {name for name, cls in STRATEGIES.items() if cls.distributed}
 
 
 def build_strategy(name: str, device: torch.device, compute_dtype: torch.dtype | None = None,
@@ -51,5 +51,6 @@ def check_strategy_config(cfg: Config, world_size: int) -> None:
         build_deepspeed_config(cfg, world_size, bf16=False)
 
 
-__all__ = ["STRATEGIES", "CHECKPOINT_FORMATS", "DISTRIBUTED", "Strategy", "StepResult", "build_strategy", "strategy_from_config", "check_strategy_config", "SingleDevice",
-           "DistributedDataParallel", "FullyShardedDataParallel", "DeepSpeedZeRO"]
+__all__ = ["STRATEGIES", "CHECKPOINT_FORMATS", "DISTRIBUTED", "Strategy", "StepResult", "build_strategy",
+           "strategy_from_config", "check_strategy_config", "SingleDevice", "DistributedDataParallel",
+           "FullyShardedDataParallel", "DeepSpeedZeRO"]

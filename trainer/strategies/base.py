@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ class StepResult:
 
 
 class Strategy(ABC):
+    name: str  # what train.strategy calls it (the registry in strategies/__init__.py is built from these)
+    distributed: bool = True  # one process per device, launched by torchrun or the deepspeed launcher
+
     @abstractmethod
     def setup(self, model: TarFlow, optim: OptimConfig) -> None:
         """Place and wrap the model and build its optimizer."""
@@ -62,20 +65,16 @@ class Strategy(ABC):
         rank 0 receives the full state (sharded strategies may give the others an empty one)."""
         return self.unwrapped.state_dict()
 
-    def training_state_bytes(self) -> int:
-        """This rank's bytes of parameters + gradients (as large as the parameters) + optimizer state."""
-        from torch.distributed.tensor import DTensor
-
-        def local(t: torch.Tensor) -> int:
-            t = t.to_local() if isinstance(t, DTensor) else t
-            return t.numel() * t.element_size()
-        params = sum(local(p) for p in self.unwrapped.parameters())
-        optimizer = sum(local(v) for state in self.optimizer.state.values() for v in state.values()
-                        if torch.is_tensor(v) and v.dim() > 0)
-        return 2 * params + optimizer
-
     # ---------------------------------------------------------------- checkpoints (each strategy its own format)
     checkpoint_format: str = "torch"  # checkpoints of the same format load into one another
+
+    def can_resume(self, manifest, world_size: int) -> str | None:
+        """None when this strategy can load the checkpoint ``manifest`` describes on ``world_size`` ranks, else why
+        not (the end of a sentence that begins "the checkpoint at step N in WHERE")."""
+        if manifest.checkpoint_format != self.checkpoint_format:
+            return (f"was written by train.strategy={manifest.strategy} ({manifest.checkpoint_format} format), "
+                    f"which train.strategy={self.name} cannot resume; resume with train.strategy={manifest.strategy}")
+        return None
 
     @abstractmethod
     def save_state(self, directory: Path) -> None:

@@ -17,6 +17,9 @@ class DistributedDataParallel(SingleDevice):
     """A full replica per rank; gradients all-reduced in buckets during backward (DDP). Gradients of all but the
     last micro-batch of a step stay local (``no_sync``). Checkpoints hold the plain module's state."""
 
+    name = "ddp"
+    distributed = True
+
     # 25 MB buckets overlap communication with backward for models of this size; views avoid a gradient copy.
     BUCKET_CAP_MB = 25
 

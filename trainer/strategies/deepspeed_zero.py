@@ -36,6 +36,8 @@ class DeepSpeedZeRO(Strategy):
     rank. Stage 3 partitions the parameters too: ``inference()`` gathers them for ``reverse`` and ``denoise``.
     """
 
+    name = "deepspeed"
+
     def __init__(self, device: torch.device, ds_config: dict):
         self.device = device
         self.ds_config = ds_config
@@ -105,32 +107,11 @@ class DeepSpeedZeRO(Strategy):
         return {key: (safe_get_full_fp32_param(params[key]) if key in params else value).detach().cpu().clone()
                 for key, value in module.state_dict().items()}
 
-    def training_state_bytes(self) -> int:
-        """This rank's parameters (stage 3: its partition), fp32 master partitions, gradients (stage 1: all;
-        stage 2 and 3: its partition) and AdamW state; shared storage counted once."""
-        seen: set[int] = set()
-
-        def size(t: torch.Tensor | None) -> int:
-            if t is None or t.numel() == 0:
-                return 0
-            key = t.untyped_storage().data_ptr()
-            if key in seen:
-                return 0
-            seen.add(key)
-            return t.untyped_storage().nbytes()
-
-        params = list(self.engine.module.parameters())
-        held = sum(size(p.ds_tensor if hasattr(p, "ds_tensor") else p.data) for p in params)
-        zero = self.optimizer
-        masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(
-            zero, "fp32_partitioned_groups_flat", [])
-        held += sum(size(m) for m in masters)
-        partition = sum(m.numel() for m in masters)
-        full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
-        held += 4 * (full if self.stage == 1 else partition)  # fp32 gradients, freed after each step
-        held += sum(size(v) for state in zero.optimizer.state.values() for v in state.values()
-                    if torch.is_tensor(v) and v.dim() > 0)
-        return held
+    def can_resume(self, manifest, world_size: int) -> str | None:
+        if manifest.checkpoint_format == self.checkpoint_format and manifest.world_size != world_size:
+            return (f"was written by {manifest.world_size} ranks as a DeepSpeed checkpoint, which resumes only on "
+                    f"as many (this run has {world_size}); FSDP checkpoints reshard")
+        return super().can_resume(manifest, world_size)
 
     # The engine's own format: model states by rank 0 (stage 3: every rank its partition), optimizer partitions by
     # every rank. It resumes on the same number of ranks; export consolidates it in one process.

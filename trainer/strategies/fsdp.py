@@ -22,11 +22,14 @@ class FullyShardedDataParallel(SingleDevice):
     in the root unit; ``fsdp.hybrid`` shards within a node and replicates across nodes.
 
     Mixed precision: with bf16 autocast the units compute in bf16 and reduce gradients in fp32 (log-likelihood
-    training is sensitive to low-precision reductions). Checkpoints hold full (unsharded) state dicts, gathered to
-    rank 0, so they load into any strategy and world size; sharded ``torch.distributed.checkpoint`` comes with the
-    checkpoint store. ``reverse`` and ``denoise`` run inside ``inference()``: every unit is gathered once for the
-    duration instead of once per decoded token.
+    training is sensitive to low-precision reductions). Checkpoints are sharded ``torch.distributed.checkpoint``
+    directories (every rank writes its shards), which load into any number of ranks (resharding) and consolidate
+    into one model in one process for export. ``reverse`` and ``denoise`` run inside ``inference()``: every unit
+    is gathered once for the duration instead of once per decoded token.
     """
+
+    name = "fsdp"
+    distributed = True
 
     def __init__(self, device: torch.device, compute_dtype: torch.dtype | None = None,
                  options: FSDPConfig | None = None, nodes: int = 1):

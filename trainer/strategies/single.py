@@ -19,6 +19,9 @@ from .base import StepResult, Strategy
 class SingleDevice(Strategy):
     """One process, one device."""
 
+    name = "single"
+    distributed = False
+
     def __init__(self, device: torch.device):
         self.device = device
 

@@ -1,0 +1,94 @@
+"""``tarflow ckpt ls|verify|export|import-reference|export-reference``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ckpt", help="list, verify and export checkpoints; convert from and to the official code")
+    csub = p.add_subparsers(dest="ckpt_command", required=True)
+    q = csub.add_parser("ls", help="the checkpoints under a root (directory or s3://bucket/prefix)")
+    q.add_argument("uri")
+    q.set_defaults(func=ls)
+    q = csub.add_parser("verify", help="check every file of a checkpoint (or of all under a root) against its "
+                                       "manifest: presence, size, sha256")
+    q.add_argument("uri")
+    q.set_defaults(func=verify)
+    q = csub.add_parser("export", help="any strategy's checkpoint → one consolidated model file")
+    q.add_argument("uri", help="…/step-NNNNNNNN, or a root (its newest checkpoint)")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=export)
+    q = csub.add_parser("import-reference", help="official .pth → tarflow checkpoint")
+    q.add_argument("file")
+    q.add_argument("--config", help="YAML config whose model section matches the file")
+    q.add_argument("--out", required=True)
+    q.add_argument("overrides", nargs="*", metavar="key=value")
+    q.set_defaults(func=import_reference)
+    q = csub.add_parser("export-reference", help="tarflow checkpoint or export → .pth the official code loads "
+                                                 "strictly")
+    q.add_argument("checkpoint")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=export_reference)
+
+
+def ls(args: argparse.Namespace) -> int:
+    from trainer.checkpoint.export import listing
+
+    rows = listing(args.uri)
+    if not rows:
+        print(f"no checkpoints under {args.uri}")
+    for r in rows:
+        if r["complete"]:
+            print(f"step {r['step']:>9}  complete    {r['strategy']:<9} {r['world_size']:>3} ranks  "
+                  f"{r['files']:>4} files "
+                  f"{r['bytes'] / 2**20:>10.1f} MiB  config {r['config_hash']}")
+        else:
+            print(f"step {r['step']:>9}  INCOMPLETE  (no manifest: an interrupted save or deletion; never resumed)")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    from trainer.checkpoint.export import verify as verify_checkpoints
+
+    bad = 0
+    for step, problem in verify_checkpoints(args.uri):
+        print(f"step {step}: {'ok' if problem is None else 'FAILED: ' + problem}")
+        bad += problem is not None
+    return 1 if bad else 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from models import TarFlow
+    from trainer.checkpoint.export import consolidated_model, save_model_file
+
+    state, cfg, step = consolidated_model(args.uri)
+    TarFlow(cfg.model).load_state_dict(state)  # it must load into the model its config describes
+    print(save_model_file(state, cfg, step, Path(args.out)))
+    return 0
+
+
+def import_reference(args: argparse.Namespace) -> int:
+    from models import TarFlow
+    from trainer.checkpoint.export import save_model_file
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    model = TarFlow.from_reference(args.file, cfg.model)
+    print(save_model_file(model.state_dict(), cfg, 0, Path(args.out)))
+    return 0
+
+
+def export_reference(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import atomic_torch_save
+    from trainer.evaluation.loading import load_model
+
+    model, _ = load_model(args.checkpoint, torch.device("cpu"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(model.reference_state_dict(), out)
+    print(out)
+    return 0

@@ -1,0 +1,66 @@
+"""FID sweeps over guidance weights and attention temperatures: the settings, their notes, the table and the plot."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tarflow_testing.evaluation import CPU, FP32, checkpoint_and_reference, perturbed_model
+from trainer.evaluation.fid import load_stats
+from trainer.evaluation.inception import tiny_fid_inception
+from trainer.evaluation.sweep import run_sweep, settings_notes, sweep_settings
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return checkpoint_and_reference(tmp_path_factory.mktemp("fid"))
+
+
+# ---------------------------------------------------------------- sweeps
+def test_settings_and_their_notes():
+    s = sweep_settings([0, 2, 2], [1, 0.5], annealed=True, denoise_std=None)
+    assert [(x.guidance, x.attn_temp) for x in s] == [(0, 1), (0, 0.5), (2, 1), (2, 0.5)]
+    notes = settings_notes(s, conditional=False)
+    assert any("g0_t0.5: the attention temperature only acts" in n for n in notes)
+    assert any("g2_t1: for an unconditional model" in n for n in notes)
+    assert not any("unconditional" in n for n in settings_notes(s, conditional=True))
+    with pytest.raises(ValueError, match="--attn-temp values must be finite and > 0"):
+        sweep_settings([1], [0], annealed=False, denoise_std=None)
+    with pytest.raises(ValueError, match="--guidance values must be finite and >= 0"):
+        sweep_settings([-1], [1], annealed=False, denoise_std=None)
+
+
+def test_a_guidance_sweep_writes_a_table_and_a_plot(files, tmp_path):
+    model, _ = perturbed_model()
+    reference = load_stats(files["ref"])
+    settings = sweep_settings([0, 2], [1], annealed=True, denoise_std=0.05)
+    results = run_sweep(model, tiny_fid_inception(), reference, settings, out_dir=tmp_path, title="tiny",
+                        num_samples=16, base_seed=0, batch_size=8, device=CPU, precision=FP32, heldout_bpd=8.5)
+    assert [r.fid for r in results] == [pytest.approx(r.stats.fid(reference)) for r in results]
+    assert results[0].fid != results[1].fid and all(r.fid > 0 for r in results)
+    assert results[0].sample_bits_per_dim != results[1].sample_bits_per_dim
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(float(r["guidance"]), float(r["attn_temp"])) for r in rows] == [(0, 1), (2, 1)]
+    assert set(rows[0]) == {"guidance", "attn_temp", "annealed", "denoise", "num_samples", "fid", "nan_redraws",
+                            "sample_bits_per_dim", "heldout_bits_per_dim", "seconds"}
+    assert rows[1]["denoise"] == "True" and float(rows[1]["heldout_bits_per_dim"]) == 8.5
+    assert np.asarray(Image.open(tmp_path / "sweep.png")).shape[:2] == (400, 1000)
+    preview = np.asarray(Image.open(tmp_path / "preview_g2_t1.png"))
+    assert preview.shape == ((4 * 9 + 1) * 8, (4 * 9 + 1) * 8, 3)  # 16 samples, 4×4, 8×8 digits scaled 8×
+    stats = load_stats(tmp_path / "samples_g2_t1_stats.npz")
+    assert stats.n == 16 and stats.meta["guidance"] == 2 and stats.meta["annealed"] is True
+    draws = np.load(tmp_path / "draws_g0_t1.npz")
+    assert draws["index"].tolist() == list(range(16)) and draws["seed"].dtype == np.uint64
+
+
+def test_an_attention_temperature_sweep_of_an_unconditional_model(tmp_path):
+    model, _ = perturbed_model(["model.num_classes=0"])
+    settings = sweep_settings([1.0], [0.5, 1.5], annealed=False, denoise_std=None)
+    results = run_sweep(model, tiny_fid_inception(), None, settings, out_dir=tmp_path, num_samples=8,
+                        base_seed=0, batch_size=8, device=CPU, precision=FP32, sample_bpd=False)
+    assert [r.attn_temp for r in results] == [0.5, 1.5] and all(r.fid is None for r in results)
+    assert not torch.equal(results[0].preview, results[1].preview)  # the temperature changes the samples
+    assert (tmp_path / "sweep.png").is_file() and len((tmp_path / "sweep.csv").read_text().splitlines()) == 3

@@ -1,0 +1,114 @@
+"""The run checkpointer: save then resume restores strategy, run state, loader, metric window and RNG in one call;
+the strategy decides whether it can load a manifest; a different model or ``resume=never`` is refused."""
+
+import random
+
+import pytest
+import torch
+
+from cluster.env import ProcessEnv
+from models import TarFlow
+from trainer.checkpoint import CheckpointError, Manifest
+from trainer.checkpoint.run_checkpointer import RunCheckpointer
+from trainer.config import load_config
+from trainer.strategies import DeepSpeedZeRO, FullyShardedDataParallel, SingleDevice
+
+TINY = ["model.channels=16", "model.head_dim=8", "model.num_blocks=2", "model.layers_per_block=1"]
+CPU = torch.device("cpu")
+
+
+class Component:
+    """A resumable component that remembers what it was given."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state or {}
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def trained_strategy(cfg, seed: int) -> SingleDevice:
+    torch.manual_seed(seed)
+    strategy = SingleDevice(CPU)
+    strategy.setup(TarFlow(cfg.model), cfg.optim)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    z, logdets = strategy.model(x, torch.arange(4))
+    strategy.backward(TarFlow.loss(z, logdets))
+    strategy.step(1e-3, 1.0, torch.tensor(True))
+    return strategy
+
+
+def config(tmp_path, *extra):
+    return load_config(None, [*TINY, f"train.run_dir={tmp_path}", "checkpoint.async_upload=false", *extra])
+
+
+def test_a_fresh_run_resumes_nothing(tmp_path):
+    cfg = config(tmp_path)
+    loader, window = Component({"untouched": 1}), Component()
+    state = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 0), CPU).resume(loader, window)
+    assert state.step == 0 and state.loader == {} and loader.state == {"untouched": 1}
+
+
+def test_save_then_resume_restores_every_part(tmp_path):
+    cfg = config(tmp_path)
+    strategy = trained_strategy(cfg, 0)
+    saver = RunCheckpointer(cfg, ProcessEnv(), strategy, CPU)
+    state = saver.resume(Component(), Component())
+    state.step, state.images_seen, state.nonfinite_total = 7, 224, 1
+    saver.save(state, Component({"epoch": 3, "position": 5}), Component({"steps": 2}))
+    assert saver.finish(required=True)["step"] == 7
+    after_save = (torch.rand(3).tolist(), random.random())
+
+    resumed_strategy = trained_strategy(cfg, 1)  # other weights and optimizer state, overwritten by the resume
+    loader, window = Component(), Component()
+    checkpointer = RunCheckpointer(cfg, ProcessEnv(), resumed_strategy, CPU)
+    resumed = checkpointer.resume(loader, window)
+    assert (torch.rand(3).tolist(), random.random()) == after_save  # the RNG streams continue where they were saved
+    assert (resumed.step, resumed.images_seen, resumed.nonfinite_total) == (7, 224, 1)
+    assert loader.state == {"epoch": 3, "position": 5} and window.state == {"steps": 2}
+    assert checkpointer.last_saved_step == 7 and checkpointer.last_uri.endswith("step-00000007")
+    for key, value in strategy.unwrapped.state_dict().items():
+        torch.testing.assert_close(resumed_strategy.unwrapped.state_dict()[key], value, rtol=0, atol=0)
+    saved_moments = [s["exp_avg"] for s in strategy.optimizer.state.values()]
+    resumed_moments = [s["exp_avg"] for s in resumed_strategy.optimizer.state.values()]
+    for a, b in zip(saved_moments, resumed_moments, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    saver = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 0), CPU)
+    saver.save(saver.resume(Component(), Component()), Component(), Component())
+    saver.finish(required=True)
+    other = config(tmp_path, "model.channels=32")
+    with pytest.raises(CheckpointError, match=r"different model: model.channels = 16 there, 32 here"):
+        RunCheckpointer(other, ProcessEnv(), trained_strategy(other, 0), CPU).resume(Component(), Component())
+
+
+def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path):
+    cfg = config(tmp_path)
+    saver = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 0), CPU)
+    saver.save(saver.resume(Component(), Component()), Component(), Component())
+    saver.finish(required=True)
+    with pytest.raises(ValueError, match="train.resume=never but .* already holds checkpoints"):
+        RunCheckpointer(config(tmp_path, "train.resume=never"), ProcessEnv(), SingleDevice(CPU), CPU)
+
+
+def manifest(fmt: str, strategy: str, world_size: int) -> Manifest:
+    return Manifest(step=4, strategy=strategy, checkpoint_format=fmt, world_size=world_size, config_hash="x")
+
+
+def test_each_strategy_says_which_manifests_it_can_resume():
+    single, fsdp = SingleDevice(CPU), FullyShardedDataParallel(CPU)
+    zero = DeepSpeedZeRO(CPU, {"zero_optimization": {"stage": 2}})
+    assert single.can_resume(manifest("torch", "ddp", 2), world_size=1) is None
+    assert fsdp.can_resume(manifest("dcp", "fsdp", 2), world_size=4) is None  # DCP reshards
+    assert zero.can_resume(manifest("deepspeed", "deepspeed", 2), world_size=2) is None
+    assert single.can_resume(manifest("dcp", "fsdp", 2), 1) == (
+        "was written by train.strategy=fsdp (dcp format), which train.strategy=single cannot resume; resume with "
+        "train.strategy=fsdp")
+    assert "resumes only on as many (this run has 4)" in zero.can_resume(manifest("deepspeed", "deepspeed", 2), 4)
+    assert "train.strategy=deepspeed cannot resume" in zero.can_resume(manifest("torch", "single", 4), 4)
