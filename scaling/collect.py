@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fid_eval import read_fid
+from .fid_eval import read_fid, read_quality
 from .plan import Point
 from .results import PointResult
 from .rundir import finished, metrics_model_record, read_summary
@@ -33,12 +33,13 @@ def collect_results(points: list[Point], state: StudyState, fid: bool = False) -
         wall = st.wall_seconds or float(summary.get("seconds", 0.0))
         if done:
             value, network = read_fid(run_dir) if fid else (None, "")
+            quality = (read_quality(run_dir) if fid else None) or {}
             results.append(PointResult(
                 name=p.name, params_total=p.params_total, params_no_embed=p.params_no_embed,
                 train_flops=float(fpi) * images, train_steps=step, images_seen=images, seed=p.seed,
                 bits_per_dim=float(summary["final_bits_per_dim"]), wall_seconds=wall, status="ok",
                 attempts=max(st.attempts, 1), fid=value, fid_network=network, grid=dict(p.grid),
-                error=st.fid_error if fid and value is None else ""))
+                error=st.fid_error if fid and value is None and not quality else "", **quality))
         elif st.status == "failed" or p.error:
             results.append(PointResult(
                 name=p.name, params_total=p.params_total, params_no_embed=p.params_no_embed,

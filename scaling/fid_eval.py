@@ -7,17 +7,22 @@
   images of the base config's shape.
 - **Reference statistics**: ``ref_stats`` as given, else ``tarflow eval stats`` over the base config's data
   (``fid.split``, default the training images), run once by the driver into
-  ``<study dir>/fid/reference-<split>-<hash>.npz`` (the hash covers the network and the data settings, so another
-  network or data set makes another file).
+  ``<study dir>/fid/reference-<split>-<hash>.pth`` (``.npz`` for ``convention: pytorch-fid``; the hash covers the
+  network, the convention and the data settings, so another network or data set makes another file).
 - **Per point**: a subprocess like the training run, ``<python> -m tarflow eval CKPT --metric fid --num-samples N
-  --ref-stats FILE --inception W --guidance G --attn-temp T [--annealed] [--denoise] --seed S --no-bpd --out
-  <point>/fid``; its output is appended to ``<point>/fid.log``. ``<point>/fid/results.json`` is the eval suite's; the
-  driver writes ``<point>/fid/request.json`` (the eval's arguments and the reference's digest) when it succeeded. A
-  point's FID is current when ``request.json`` matches what the study asks now: running the study again evaluates
-  only the points without a current FID (new points, a changed ``fid:`` section, a recomputed reference).
+  --ref-stats FILE --fid-convention C --inception W --guidance G --attn-temp T [--annealed] [--denoise] --seed S
+  --no-bpd --out <point>/fid``; its output is appended to ``<point>/fid.log``. ``<point>/fid/results.json`` is the
+  eval suite's; the driver writes ``<point>/fid/request.json`` (the eval's arguments and the reference's digest)
+  when it succeeded. A point's FID is current when ``request.json`` matches what the study asks now: running the
+  study again evaluates only the points without a current FID (new points, a changed ``fid:`` section, a recomputed
+  reference).
 - **Where**: locally right after each point trains; for SLURM and Kubernetes studies, the driver evaluates the
   finished points that lack a current FID each time it runs (on its own machine: give ``fid.device`` and run
   ``tarflow scale run`` where a device is, or let the local run do it).
+- **Classifier metrics** (``fid.metric: quality`` or ``fid+quality``): no Inception weights for ``quality`` alone;
+  ``tarflow eval classifier train`` runs once per study into ``<study dir>/fid/classifier-<set>-<hash>.pt`` (the
+  base config's data set and split; the embedded sets only, checked up front), each point's evaluation gets
+  ``--metric quality --classifier FILE`` and ``request.json`` the file's digest.
 - A failed FID evaluation does not fail the point (its bits/dim stand): it is reported with its error line, the
   study exits 1, and the next ``tarflow scale run`` evaluates it again.
 """
@@ -36,7 +41,14 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.torchrun import tarflow_command
-from trainer.api import RANDOM_INCEPTION, check_reference_stats, load_config, load_fid_network
+from trainer.api import (
+    RANDOM_INCEPTION,
+    check_reference_stats,
+    classifier_dataset,
+    load_config,
+    load_fid_network,
+    stats_suffix,
+)
 
 from .rundir import SUMMARY_FILE, atomic_write, error_line, finished, last_lines, read_from, read_summary, utc_now
 from .spec import FidSpec, StudyError, StudySpec
@@ -45,6 +57,7 @@ FID_DIR = "fid"                  # <point>/fid/: the eval suite's --out
 FID_LOG = "fid.log"              # <point>/fid.log: every FID evaluation's output, appended
 REQUEST_FILE = "request.json"
 RESULTS_FILE = "results.json"
+QUALITY_KEYS = ("class_accuracy", "classifier_fd", "precision", "recall")
 
 Log = Callable[[str], None]
 
@@ -63,19 +76,33 @@ class FidPlan:
     data_argv: list[str] = field(default_factory=list)  # `eval stats` arguments (DATA_URI, data.*) when computed
     command: list[str] = field(default_factory=eval_command)
     ref_digest: str = ""             # sha1 of the reference file, once it exists
+    classifier: str = ""             # quality: the classifier file (absolute; trained once per study)
+    classifier_argv: list[str] = field(default_factory=list)  # `eval classifier train` arguments (DATA_URI, data.*)
+    classifier_digest: str = ""      # sha1 of the classifier file, once it exists
 
     @property
     def plumbing(self) -> bool:
         return self.network.startswith(RANDOM_INCEPTION)
 
+    @property
+    def with_fid(self) -> bool:
+        return "fid" in self.spec.metric
+
     def describe(self) -> str:
         s = self.spec
+        if not self.with_fid:
+            return (f"classifier metrics per point (class accuracy, classifier FD, precision/recall): "
+                    f"{s.num_samples} samples, guidance {s.guidance:g}, attn temp {s.attn_temp:g}"
+                    f"{', annealed' if s.annealed else ''}{', denoised' if s.denoise else ''}; classifier "
+                    f"{self.classifier}")
         what = (f"FID per point: {s.num_samples} samples, guidance {s.guidance:g}, attn temp {s.attn_temp:g}"
                 f"{', annealed' if s.annealed else ''}{', denoised' if s.denoise else ''}; network {self.network}; "
                 f"reference {self.ref_stats}" + ("" if Path(self.ref_stats).is_file() or not self.data_argv
                                                  else f" (computed from {self.data_argv[0]}, {s.split} split)"))
         if self.plumbing:
             what += ". PLUMBING ONLY (random network): these are not FIDs; real FIDs need the FID Inception weights"
+        if self.classifier:
+            what += f"; and the classifier metrics (classifier {self.classifier})"
         return what
 
 
@@ -88,13 +115,27 @@ def _find(path: str, spec: StudySpec) -> Path:
 
 
 def prepare_fid(spec: StudySpec, directory: Path, config: str | None) -> FidPlan:
-    """Check the weights (and a given reference) before anything trains; the eval suite's errors as they are."""
+    """Check the weights (and a given reference), and that the classifier metrics support the data, before anything
+    trains; the eval suite's errors as they are."""
     s = spec.fid
     assert s is not None
+    plan = _inception_plan(spec, directory, config) if "fid" in s.metric else FidPlan(s, "", "", "")
+    if "quality" in s.metric:
+        d = classifier_dataset(load_config(config, spec.overrides).data)  # ClassifierError: embedded sets only
+        data = [f"embedded:{d['source']}", f"data.heldout_fraction={d['heldout_fraction']}",
+                f"data.split_seed={d['split_seed']}"]
+        digest = hashlib.sha1(json.dumps(["classifier", data]).encode()).hexdigest()[:10]
+        plan.classifier = str(Path(directory) / FID_DIR / f"classifier-{d['source']}-{digest}.pt")
+        plan.classifier_argv = data
+    return plan
+
+
+def _inception_plan(spec: StudySpec, directory: Path, config: str | None) -> FidPlan:
+    s = spec.fid
     given = s.inception or None
     if given and not given.startswith(RANDOM_INCEPTION):
         given = str(_find(given, spec))
-    net = load_fid_network(given)  # InceptionWeightsError (a ValueError): says where to get the file
+    net = load_fid_network(given, s.convention)  # InceptionWeightsError (a ValueError): says where to get it
     base = load_config(config, spec.overrides)
     m = base.model
     if s.ref_stats:
@@ -109,30 +150,58 @@ def prepare_fid(spec: StudySpec, directory: Path, config: str | None) -> FidPlan
     else:
         data = [d.uri, f"data.format={d.format}"]
     data += [f"data.resize={d.resize}", f"data.crop={d.crop}"]
-    digest = hashlib.sha1(json.dumps([net.identity, data, s.split]).encode()).hexdigest()[:10]
-    ref = Path(directory) / FID_DIR / f"reference-{s.split}-{digest}.npz"
+    digest = hashlib.sha1(json.dumps([net.identity, s.convention, data, s.split]).encode()).hexdigest()[:10]
+    ref = Path(directory) / FID_DIR / f"reference-{s.split}-{digest}{stats_suffix(s.convention)}"
     return FidPlan(s, net.weights, net.identity, str(ref), data_argv=data)
+
+
+def _run_logged(argv: list[str], log_path: Path) -> int:
+    with open(log_path, "ab") as f:
+        f.write(f"\n=== {shlex.join(argv)}\n".encode())
+        f.flush()
+        return subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
 
 
 def ensure_reference(plan: FidPlan, log: Log = print) -> None:
     """Compute the study's reference statistics with ``tarflow eval stats`` unless they exist (given or computed
-    earlier); a failure stops the study before it trains anything."""
+    earlier), and train the classifier of the quality metrics with ``tarflow eval classifier train`` unless it
+    exists; a failure stops the study before it trains anything."""
+    if plan.with_fid:
+        _ensure_stats(plan, log)
+    if plan.classifier:
+        _ensure_classifier(plan, log)
+
+
+def _ensure_classifier(plan: FidPlan, log: Log) -> None:
+    path = Path(plan.classifier)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [*plan.command, "classifier", "train", *plan.classifier_argv, "--out", str(path)]
+        log_path = path.with_suffix(".log")
+        log(f"classifier of the quality metrics: {plan.classifier_argv[0]} (train split) → {path} (log: {log_path})")
+        rc = _run_logged(argv, log_path)
+        if rc != 0 or not path.is_file():
+            tail = last_lines(log_path.read_text(errors="replace"))
+            raise StudyError(f"`tarflow eval classifier train` failed (exit {rc}): {error_line(tail)} "
+                             f"(log: {log_path})")
+    plan.classifier_digest = hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _ensure_stats(plan: FidPlan, log: Log) -> None:
     ref = Path(plan.ref_stats)
     if not ref.is_file():
         if not plan.data_argv:
             raise StudyError(f"fid.ref_stats {ref} does not exist")
         ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.stem}.tmp.npz")
+        tmp = ref.with_name(f".{ref.stem}.tmp{ref.suffix}")
         argv = [*plan.command, "stats", *plan.data_argv, "--out", str(tmp), "--split", plan.spec.split,
-                "--inception", plan.inception, "--device", plan.spec.device]
+                "--fid-convention", plan.spec.convention, "--inception", plan.inception, "--device",
+                plan.spec.device]
         log_path = ref.with_suffix(".log")
         log(f"FID reference statistics: {plan.data_argv[0]} ({plan.spec.split} split) → {ref} (log: {log_path})")
         t0 = time.perf_counter()
-        with open(log_path, "ab") as f:
-            f.write(f"\n=== {shlex.join(argv)}\n".encode())
-            f.flush()
-            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        rc = _run_logged(argv, log_path)
         if rc != 0 or not tmp.is_file():
             tail = last_lines(log_path.read_text(errors="replace"))
             raise StudyError(f"`tarflow eval stats` for the FID reference failed (exit {rc}): {error_line(tail)} "
@@ -153,10 +222,13 @@ def fid_argv(plan: FidPlan, point) -> list[str] | None:
     if not ckpt:
         return None
     s = plan.spec
-    argv = [*plan.command, str(ckpt), "--metric", "fid", "--num-samples", str(s.num_samples), "--ref-stats",
-            plan.ref_stats, "--inception", plan.inception, "--guidance", f"{s.guidance!r}", "--attn-temp",
-            f"{s.attn_temp!r}", "--seed", str(s.seed), "--device", s.device, "--no-bpd",
-            "--out", str(fid_dir(point.run_dir))]
+    argv = [*plan.command, str(ckpt), "--metric", s.metric, "--num-samples", str(s.num_samples)]
+    if plan.with_fid:
+        argv += ["--ref-stats", plan.ref_stats, "--fid-convention", s.convention, "--inception", plan.inception]
+    argv += ["--guidance", f"{s.guidance!r}", "--attn-temp", f"{s.attn_temp!r}", "--seed", str(s.seed), "--device",
+             s.device, "--no-bpd", "--out", str(fid_dir(point.run_dir))]
+    if plan.classifier:
+        argv += ["--classifier", plan.classifier]
     if s.annealed:
         argv.append("--annealed")
     if s.denoise:
@@ -167,27 +239,49 @@ def fid_argv(plan: FidPlan, point) -> list[str] | None:
 
 
 def _request(plan: FidPlan, argv: list[str]) -> dict:
-    return {"argv": argv[len(plan.command):], "reference_sha1": plan.ref_digest}
+    request = {"argv": argv[len(plan.command):], "reference_sha1": plan.ref_digest}
+    if plan.classifier:
+        request["classifier_sha1"] = plan.classifier_digest
+    return request
+
+
+def _results(run_dir: str | Path) -> dict:
+    """The point's last successful evaluation's ``results.json`` ({} when there is none)."""
+    d = fid_dir(run_dir)
+    if not (d / REQUEST_FILE).is_file():
+        return {}
+    try:
+        return json.loads((d / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def read_fid(run_dir: str | Path) -> tuple[float | None, str]:
     """(FID, network) of the point's last successful evaluation, or (None, "")."""
-    d = fid_dir(run_dir)
-    if not (d / REQUEST_FILE).is_file():
-        return None, ""
-    try:
-        results = json.loads((d / RESULTS_FILE).read_text())
-    except (OSError, ValueError):
-        return None, ""
+    results = _results(run_dir)
     fid = results.get("fid")
     if not isinstance(fid, (int, float)) or not math.isfinite(fid):
         return None, ""
     return float(fid), str(results.get("inception", ""))
 
 
+def read_quality(run_dir: str | Path) -> dict | None:
+    """The classifier metrics (``QUALITY_KEYS``) of the point's last successful evaluation, or None."""
+    results = _results(run_dir)
+    fd = results.get("classifier_fd")
+    if not isinstance(fd, (int, float)) or not math.isfinite(fd):
+        return None
+    return {k: results.get(k) for k in QUALITY_KEYS}
+
+
+def _evaluated(plan: FidPlan, run_dir) -> bool:
+    return ((not plan.with_fid or read_fid(run_dir)[0] is not None)
+            and (not plan.classifier or read_quality(run_dir) is not None))
+
+
 def fid_current(plan: FidPlan, point) -> bool:
     argv = fid_argv(plan, point)
-    if argv is None or read_fid(point.run_dir)[0] is None:
+    if argv is None or not _evaluated(plan, point.run_dir):
         return False
     try:
         return json.loads((fid_dir(point.run_dir) / REQUEST_FILE).read_text()) == _request(plan, argv)
@@ -222,11 +316,11 @@ def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
             stop.child = None
     seconds = time.perf_counter() - t0
     st.fid_seconds = getattr(st, "fid_seconds", 0.0) + seconds
-    fid, network = (None, "")
+    ok = False
     if rc == 0:
         atomic_write(out / REQUEST_FILE, json.dumps(_request(plan, argv), indent=2) + "\n")
-        fid, network = read_fid(point.run_dir)
-    if fid is None:
+        ok = _evaluated(plan, point.run_dir)
+    if not ok:
         (out / REQUEST_FILE).unlink(missing_ok=True)
         tail = last_lines(read_from(log_path, offset))
         st.fid_error = f"FID evaluation failed (exit {rc}): {error_line(tail)} (log: {log_path})"
@@ -234,8 +328,17 @@ def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
             log(f"[{point.name}] {st.fid_error}")
         return False
     st.fid_error = ""
-    note = " (plumbing only: random network)" if network.startswith(RANDOM_INCEPTION) else ""
-    log(f"[{point.name}] FID {fid:.4g}{note} over {plan.spec.num_samples} samples in {seconds:.1f} s")
+    fid, network = read_fid(point.run_dir)
+    what = []
+    if plan.with_fid:
+        note = " (plumbing only: random network)" if network.startswith(RANDOM_INCEPTION) else ""
+        what.append(f"FID {fid:.4g}{note}")
+    if plan.classifier:
+        q = read_quality(point.run_dir)
+        acc = "n/a" if q["class_accuracy"] is None else f"{q['class_accuracy']:.4f}"
+        what.append(f"class accuracy {acc}, classifier FD {q['classifier_fd']:.4g}, precision "
+                    f"{q['precision']:.3f}, recall {q['recall']:.3f}")
+    log(f"[{point.name}] {', '.join(what)} over {plan.spec.num_samples} samples in {seconds:.1f} s")
     return True
 
 

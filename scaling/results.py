@@ -25,6 +25,7 @@ class PointResult:
     bits/dim, None for a failed point; ``attempts`` counts runs including retries; ``error`` is the last failure's
     message (for a finished point whose FID evaluation failed: that). ``fid`` is the point's FID when the study
     asks for one, and ``fid_network`` the network it came from (``tiny-random...``: a random stand-in, not an FID);
+    ``class_accuracy``, ``classifier_fd``, ``precision``, ``recall`` the offline classifier metrics when it asks;
     ``grid`` the study's grid values of this point (config key → value)."""
 
     name: str
@@ -41,6 +42,10 @@ class PointResult:
     error: str = ""
     fid: float | None = None
     fid_network: str = ""
+    class_accuracy: float | None = None  # the classifier metrics (fid.metric: quality), when the study asks
+    classifier_fd: float | None = None
+    precision: float | None = None
+    recall: float | None = None
     grid: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -73,7 +78,8 @@ class PointResult:
 
 
 _COLUMNS = [f.name for f in fields(PointResult) if f.name != "grid"]
-_OPTIONAL = {"fid", "fid_network"}  # added later: older results.csv files lack them
+_QUALITY = ("class_accuracy", "classifier_fd", "precision", "recall")
+_OPTIONAL = {"fid", "fid_network", *_QUALITY}  # added later: older results.csv files lack them
 
 
 def parse_scalar(v: Any) -> Any:
@@ -105,7 +111,7 @@ _CONVERT = {
     "name": str, "params_total": _int, "params_no_embed": _int, "train_flops": _float, "train_steps": _int,
     "images_seen": _int, "seed": _int, "bits_per_dim": _optional_float, "wall_seconds": _float, "status": str,
     "attempts": _int, "error": lambda v: "" if v is None else str(v), "fid": _optional_float,
-    "fid_network": lambda v: "" if v is None else str(v),
+    "fid_network": lambda v: "" if v is None else str(v), **{k: _optional_float for k in _QUALITY},
 }
 
 
@@ -188,7 +194,7 @@ def _wall(seconds: float) -> str:
 _HEADERS = ("point", "params", "non-emb", "FLOPs", "steps", "images", "seed", "bits/dim", "wall", "status", "tries")
 PLUMBING_NOTE = ("FID: plumbing only (random network): `inception: tiny-random` is a random stand-in for the FID "
                  "Inception, so these are not FIDs; real FIDs need the FID Inception weights "
-                 "(pt_inception-2015-12-05-6726825d.pth)")
+                 "(the paper convention: weights-inception-2015-12-05-6726825d.pth)")
 
 
 def format_grid_value(v: Any) -> str:

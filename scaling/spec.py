@@ -20,6 +20,7 @@ the exact ``key=value`` overrides it runs with, and what it costs (parameters, F
     seeds: [0, 1]
     grid: {train.noise_std: [0.05, 0.1, 0.2]}                     # more axes: any config keys (every combination)
     fid: {num_samples: 200, inception: /path/to/pt_inception.pth}  # optional: an FID per point (see FidSpec)
+    # fid: {metric: quality, num_samples: 1000}                   # ... or the offline classifier metrics
     run: {where: local, max_retries: 1}                            # local | slurm | k8s
 
 A budget in images is ``round(images / train.global_batch)`` steps, one in FLOPs
@@ -161,9 +162,14 @@ class FidSpec:
     """An FID per point: after a point trains, ``tarflow eval <its checkpoint> --metric fid`` (results in
     ``<point>/fid/``). ``inception``: the FID Inception weights (a path; "": ``$TARFLOW_INCEPTION_WEIGHTS`` or torch
     hub's cache) or ``tiny-random[:SEED]`` (a random stand-in: plumbing only, not an FID). ``ref_stats``: a file from
-    ``tarflow eval stats``; "": computed once per study from the base config's data (``split``)."""
+    ``tarflow eval stats``; "": computed once per study from the base config's data (``split``). ``metric``: what
+    ``tarflow eval --metric`` computes: ``fid``, ``quality`` (the offline classifier metrics: class accuracy,
+    classifier-feature FD, precision/recall; no Inception weights; the classifier is trained once per study on the
+    base config's data) or ``fid+quality`` (both from the same samples)."""
 
+    metric: str = "fid"
     num_samples: int = 1000
+    convention: str = "paper"        # the FID convention (`tarflow eval --fid-convention`): paper | pytorch-fid
     inception: str = ""
     ref_stats: str = ""
     split: str = "train"

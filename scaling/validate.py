@@ -214,8 +214,12 @@ def _validate(spec: StudySpec) -> None:
     _validate_grid(spec)
     if spec.fid is not None:
         d = spec.fid
+        _require(d.metric in ("fid", "quality", "fid+quality"), src, "fid.metric",
+                 f"must be fid, quality or fid+quality, got {d.metric!r}")
         _require(d.num_samples >= 1, src, "fid.num_samples", f"must be >= 1, got {d.num_samples}")
         _require(d.split in ("train", "heldout"), src, "fid.split", f"must be train or heldout, got {d.split!r}")
+        _require(d.convention in ("paper", "pytorch-fid"), src, "fid.convention",
+                 f"must be paper or pytorch-fid, got {d.convention!r}")
         _require(d.guidance >= 0 and math.isfinite(d.guidance), src, "fid.guidance", f"must be >= 0, got {d.guidance}")
         _require(d.attn_temp > 0, src, "fid.attn_temp", f"must be > 0, got {d.attn_temp}")
         _require(d.batch_size >= 0, src, "fid.batch_size", f"must be >= 0, got {d.batch_size}")

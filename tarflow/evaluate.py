@@ -1,5 +1,6 @@
-"""``tarflow eval CKPT`` (held-out bits/dim; ``--metric fid``: FID and sweeps) and ``tarflow eval stats DATA_URI``
-(FID reference statistics)."""
+"""``tarflow eval CKPT`` (held-out bits/dim; ``--metric fid``: FID and sweeps; ``--metric quality``: the offline
+classifier metrics, also in sweeps), ``tarflow eval stats DATA_URI`` (FID reference statistics) and ``tarflow eval
+classifier train DATA_URI`` (the classifier of the quality metrics)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 _FID_ONLY = {"num_samples": 50000, "guidance": [0.0], "attn_temp": [1.0], "annealed": False, "denoise": False,
              "inception": None, "ref_stats": None, "seed": 0, "batch_size": 0, "precision": "auto",
-             "max_redraws": 10, "save_samples": False, "no_bpd": False, "out": None, "split": "train"}
+             "max_redraws": 10, "save_samples": False, "no_bpd": False, "out": None, "split": "train",
+             "classifier": None, "fid_convention": "paper"}
+METRICS = ("bpd", "fid", "quality", "fid+quality")
 
 
 def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +24,12 @@ def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
                    help="attention temperatures of the guidance branch (several: a sweep)")
     p.add_argument("--annealed", action="store_true", help="ramp the guidance weight over each block's steps")
     p.add_argument("--denoise", action="store_true", help="one score-based denoising step after sampling")
-    p.add_argument("--inception", default=None, help="FID Inception weights, pt_inception-2015-12-05-6726825d.pth "
+    p.add_argument("--fid-convention", default="paper", choices=["paper", "pytorch-fid"],
+                   help="paper: torchmetrics/torch-fidelity fed as the official TarFlow code (truncation to uint8, "
+                        "weights-inception-2015-12-05-6726825d.pth); pytorch-fid: the pytorch-fid package (rounding, "
+                        "pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--inception", default=None, help="the convention's FID Inception weights file, or a directory "
+                                                     "holding it "
                                                      "(default: $TARFLOW_INCEPTION_WEIGHTS, torch hub's cache)")
     p.add_argument("--ref-stats", default=None, help="reference statistics from `tarflow eval stats`")
     p.add_argument("--seed", type=int, default=0, help="base seed of the noise (sample i: seed, i, attempt)")
@@ -33,26 +41,35 @@ def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-samples", action="store_true", help="every rank writes its uint8 samples into --out")
     p.add_argument("--no-bpd", action="store_true", help="skip the held-out and sample bits/dim")
     p.add_argument("--out", default=None, help="fid: a directory for sweep.csv, sweep.png, results.json, "
-                                               "previews; stats: the statistics file (.npz)")
+                                               "previews; stats: the statistics file (paper: .pth in the official "
+                                               "format; pytorch-fid: .npz) or a directory (the official file name)")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "eval", help="held-out bits/dim of a checkpoint; FID and sweeps (--metric fid); "
-                     "`eval stats DATA_URI --out FILE`: FID reference statistics",
+        "eval", help="held-out bits/dim of a checkpoint; FID and sweeps (--metric fid); offline quality metrics "
+                     "(--metric quality); `eval stats DATA_URI --out FILE`: FID reference statistics; `eval "
+                     "classifier train DATA_URI`: the quality metrics' classifier",
         description="tarflow eval CKPT [data.key=value ...] [--metric fid --num-samples N --ref-stats FILE "
                     "--inception PATH --guidance W [W ...] --attn-temp T [T ...] --annealed --denoise --out DIR] | "
-                    "tarflow eval stats DATA_URI --out FILE [data.key=value ...] [--split train|heldout "
-                    "--inception PATH]; DATA_URI: digits, photos, or a directory / s3://bucket/prefix written by "
+                    "tarflow eval stats DATA_URI --out FILE|DIR [data.key=value ...] [--split train|heldout "
+                    "--fid-convention paper|pytorch-fid --inception PATH] | tarflow eval classifier train "
+                    "DATA_URI [data.key=value ...] [--seed S --out FILE]; DATA_URI: digits, photos, or a "
+                    "directory / s3://bucket/prefix written by "
                     "`tarflow data write`. Put data.* overrides before options that take several values. Several "
                     "processes: torchrun --nproc_per_node=K -m tarflow eval ... (samples and images are "
                     "sharded over the ranks).")
-    p.add_argument("checkpoint", help="a checkpoint URI; or the word `stats` followed by DATA_URI")
+    p.add_argument("checkpoint", help="a checkpoint URI; or the word `stats` followed by DATA_URI, or "
+                                      "`classifier train DATA_URI`")
     p.add_argument("overrides", nargs="*", metavar="data.key=value")
     p.add_argument("--max-images", type=int, default=0, help="cap on held-out images (bits/dim) or data images "
                                                              "(stats); 0: all")
     p.add_argument("--device", default="auto")
-    p.add_argument("--metric", default="bpd", choices=["bpd", "fid"])
+    p.add_argument("--metric", default="bpd", choices=METRICS,
+                   help="quality: class accuracy, classifier-feature FD, precision/recall (offline; needs `tarflow "
+                        "eval classifier train DATA_URI` once); fid+quality: both from the same samples")
+    p.add_argument("--classifier", default=None, help="quality: the classifier file (default: the cache file of "
+                                                      "the checkpoint's data set and split)")
     _add_fid_arguments(p)
     p.add_argument("--split", default="train", choices=["train", "heldout"],
                    help="stats: the data split (train: the usual FID reference)")
@@ -64,11 +81,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.overrides:
             raise ValueError("usage: tarflow eval stats DATA_URI --out FILE [data.key=value ...]")
         return run_stats(args, args.overrides[0], args.overrides[1:])
-    if args.metric == "fid":
+    if args.checkpoint == "classifier":  # `tarflow eval classifier train DATA_URI [data.key=value ...]`
+        return run_classifier_train(args)
+    if args.metric != "bpd":
         return run_fid(args)
     misplaced = [k for k, default in _FID_ONLY.items() if getattr(args, k) != default]
     if misplaced:
-        where = "`eval stats`" if misplaced[0] == "split" else "--metric fid"
+        where = {"split": "`eval stats`", "classifier": "--metric quality"}.get(misplaced[0], "--metric fid")
         raise ValueError(f"--{misplaced[0].replace('_', '-')} applies to {where} only (this is --metric bpd)")
     from cluster.env import discover
     from trainer.distributed import process_group
@@ -120,30 +139,38 @@ def run_fid(args: argparse.Namespace) -> int:
     from cluster.env import discover
     from trainer.distributed import process_group
     from trainer.evaluation.fid import FIDError, check_comparable, load_stats
-    from trainer.evaluation.inception import load_fid_inception, resolve_weights_path
+    from trainer.evaluation.inception import load_fid_network, resolve_weights_path
     from trainer.evaluation.sampler import check_num_samples
-    from trainer.evaluation.sweep import run_sweep, settings_notes, sweep_settings
+    from trainer.evaluation.sweep import QUALITY_COLUMNS, run_sweep, settings_notes, sweep_settings
     from trainer.noise import denoise_std
     from trainer.runtime import resolve_precision
 
     env = discover()
     per_rank = check_num_samples(args.num_samples, env.world_size)
-    if not args.ref_stats:
+    with_fid = "fid" in args.metric
+    if not with_fid and (args.ref_stats or args.inception):
+        raise ValueError(f"--{'ref-stats' if args.ref_stats else 'inception'} applies to the FID: use --metric "
+                         f"fid+quality for both")
+    if with_fid and not args.ref_stats:
         raise FIDError("--metric fid needs --ref-stats FILE: make it with `tarflow eval stats DATA_URI --out FILE` "
-                       "(the same --inception as here)")
+                       "(the same --fid-convention and --inception as here)")
     if args.split != "train":
         raise ValueError("--split applies to `tarflow eval stats` only")
     if args.max_redraws < 0:
         raise ValueError(f"--max-redraws must be >= 0, got {args.max_redraws}")
     _check_overrides(args)
-    reference = load_stats(args.ref_stats)
+    reference = load_stats(args.ref_stats) if with_fid else None
     model, cfg, device = _load(args, env)
-    weights = resolve_weights_path(args.inception, cfg.eval.inception_weights or None)
-    inception = load_fid_inception(weights, device)
     c = model.config
-    notes = check_comparable(reference, network=inception.identity, feature_dim=inception.feature_dim,
-                             image_shape=(c.in_channels, c.img_size, c.img_size),
-                             where=f"--ref-stats {args.ref_stats}")
+    inception, notes = None, []
+    if with_fid:
+        weights = resolve_weights_path(args.inception, cfg.eval.inception_weights or None, args.fid_convention)
+        inception = load_fid_network(weights, args.fid_convention, device)
+        notes = check_comparable(reference, network=inception.identity, feature_dim=inception.feature_dim,
+                                 convention=inception.convention, weights_digest=inception.weights_digest,
+                                 image_shape=(c.in_channels, c.img_size, c.img_size),
+                                 where=f"--ref-stats {args.ref_stats}")
+    classifier = _classifier(args, cfg, model, device) if "quality" in args.metric else None
     sigma = denoise_std(cfg.train.noise, cfg.train.noise_std) if args.denoise else None
     settings = sweep_settings(args.guidance, args.attn_temp, annealed=args.annealed, denoise_std=sigma)
     notes += settings_notes(settings, c.conditional)
@@ -157,7 +184,7 @@ def run_fid(args: argparse.Namespace) -> int:
         if env.is_main:
             for note in notes:
                 _stderr(f"note: {note}")
-            if inception.identity.startswith("tiny-random"):
+            if inception is not None and inception.identity.startswith("tiny-random"):
                 _stderr("WARNING: --inception tiny-random is a random stand-in for plumbing tests; these are not "
                         "FIDs")
         heldout = None if args.no_bpd else _heldout_bits_per_dim(model, cfg, args, env, device)[0]
@@ -168,15 +195,23 @@ def run_fid(args: argparse.Namespace) -> int:
                             save_samples=args.save_samples, log=_stderr, rank=env.rank,
                             world_size=env.world_size, num_samples=args.num_samples, base_seed=args.seed,
                             batch_size=batch_size, device=device, precision=precision,
-                            max_redraws=args.max_redraws, sample_bpd=not args.no_bpd, heldout_bpd=heldout)
+                            max_redraws=args.max_redraws, sample_bpd=not args.no_bpd, heldout_bpd=heldout,
+                            classifier=classifier)
         if not env.is_main:
             return 0
-        report = {"checkpoint": str(args.checkpoint), "metric": "fid", "num_samples": args.num_samples,
-                  "ranks": env.world_size, "seed": args.seed, "inception": inception.identity,
-                  "reference": {"file": str(args.ref_stats), "n": reference.n, **reference.meta},
-                  "precision": precision.name, "results": [r.row() for r in results], "notes": notes}
-        if len(results) == 1:
-            report["fid"] = results[0].fid
+        report = {"checkpoint": str(args.checkpoint), "metric": args.metric, "num_samples": args.num_samples,
+                  "ranks": env.world_size, "seed": args.seed, "precision": precision.name,
+                  "results": [r.row() for r in results], "notes": notes}
+        if with_fid:
+            report["inception"] = inception.identity
+            report["fid_convention"] = inception.convention
+            report["reference"] = {"file": str(args.ref_stats), "n": reference.n, **reference.meta}
+            if len(results) == 1:
+                report["fid"] = results[0].fid
+        if classifier is not None:
+            report["classifier"] = _classifier_report(classifier)
+            if len(results) == 1:
+                report.update({k: getattr(results[0], k) for k in QUALITY_COLUMNS})
         if out_dir is not None:
             (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
             report["out"] = str(out_dir)
@@ -187,24 +222,69 @@ def run_fid(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace, data_uri: str, overrides: list[str]) -> int:
     """``tarflow eval stats DATA_URI --out FILE [data.key=value ...]`` (``trainer.evaluation.reference``)."""
     from cluster.env import discover
+    from data_pipeline import dataset_info
     from trainer.distributed import process_group
-    from trainer.evaluation.fid import save_stats
-    from trainer.evaluation.inception import load_fid_inception, resolve_weights_path
-    from trainer.evaluation.reference import compute_reference_stats, data_config_for
+    from trainer.evaluation.fid import FIDError, save_stats, stats_suffix
+    from trainer.evaluation.inception import load_fid_network, resolve_weights_path
+    from trainer.evaluation.reference import compute_reference_stats, data_config_for, stats_file_name
     from trainer.runtime import resolve_device
 
+    suffix = stats_suffix(args.fid_convention)
     if not args.out:
-        raise ValueError("eval stats needs --out FILE (an .npz)")
+        raise ValueError(f"eval stats needs --out FILE (a {suffix}) or a directory")
     env = discover()
     data_cfg = data_config_for(data_uri, overrides)
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith("/"):
+        out = out / stats_file_name(data_cfg, dataset_info(data_cfg)[0], args.fid_convention)
+    elif out.suffix != suffix:
+        raise FIDError(f"--out {out}: {args.fid_convention} statistics are a {suffix} file")
     device = resolve_device(args.device, env.local_rank)
-    inception = load_fid_inception(resolve_weights_path(args.inception), device)
+    inception = load_fid_network(resolve_weights_path(args.inception, None, args.fid_convention),
+                                 args.fid_convention, device)
     with process_group(env, device):
         stats = compute_reference_stats(data_cfg, args.split, inception, batch_size=args.batch_size or 100,
                                         device=device, rank=env.rank, world_size=env.world_size,
                                         max_images=args.max_images)
         if env.is_main:
-            path = save_stats(stats, args.out)
+            path = save_stats(stats, out, inception.stats_state())
             print(json.dumps({"out": str(path), "n": stats.n, "feature_dim": int(stats.mu.shape[0]),
-                              **{k: stats.meta[k] for k in ("split", "image_shape", "network")}}))
+                              **{k: stats.meta[k] for k in ("split", "image_shape", "convention", "network")}}))
+    return 0
+
+
+def _classifier(args: argparse.Namespace, cfg, model, device):
+    """The quality metrics' classifier: ``--classifier FILE``, else the cache file of the checkpoint's data set and
+    split (with the data.* overrides); refused for images of another shape or number of classes."""
+    from trainer.evaluation.classifier import find_classifier
+
+    c = model.config
+    return find_classifier(cfg.data, args.classifier, device, image_shape=(c.in_channels, c.img_size, c.img_size),
+                           num_classes=c.num_classes)
+
+
+def _classifier_report(clf) -> dict:
+    from trainer.evaluation.quality import baseline
+
+    keys = ("dataset", "image_shape", "num_classes", "recipe", "train_images", "heldout_images", "heldout_accuracy")
+    return {"file": clf.path, **{k: clf.meta[k] for k in keys}, "baseline": baseline(clf)}
+
+
+def run_classifier_train(args: argparse.Namespace) -> int:
+    """``tarflow eval classifier train DATA_URI [data.key=value ...] [--seed S] [--out FILE]``: train the quality
+    metrics' classifier on the train split (CPU) and write it to FILE, by default the cache file the metrics find."""
+    from cluster.env import discover
+    from trainer.evaluation.classifier import Recipe, default_path, save_classifier, train_classifier
+    from trainer.evaluation.reference import data_config_for
+
+    if len(args.overrides) < 2 or args.overrides[0] != "train":
+        raise ValueError("usage: tarflow eval classifier train DATA_URI [data.key=value ...] [--seed S] [--out FILE]")
+    if not discover().is_main:
+        return 0
+    data_cfg = data_config_for(args.overrides[1], args.overrides[2:])
+    recipe = Recipe(seed=args.seed)
+    clf = train_classifier(data_cfg, recipe, log=_stderr)
+    clf.path = str(save_classifier(clf, args.out or default_path(data_cfg, recipe)))
+    print(json.dumps({"out": clf.path, "train_seconds": clf.meta["train_seconds"],
+                      "train_accuracy": clf.meta["train_accuracy"], **_classifier_report(clf)}))
     return 0

@@ -58,3 +58,27 @@ def fault_proxy(s3_server):
 
     with FaultProxy(s3_server) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory):
+    """A directory with random FID Inception weights in each library's own file layout and name (torch-fidelity's
+    for the paper convention, pytorch-fid's), built once per session: ``--inception DIR`` for either convention."""
+    from tarflow_testing.evaluation import random_weight_files
+
+    return random_weight_files(tmp_path_factory.mktemp("fid-weights"))
+
+
+@pytest.fixture(scope="session")
+def digits_classifier(tmp_path_factory):
+    """The quality metrics' digits classifier, trained once per session by its command: the file's path."""
+    from tarflow.main import main
+
+    path = tmp_path_factory.mktemp("classifier") / "digits.pt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # session fixtures come before the per-test one thread; a loaded machine oversubscribes
+    try:
+        assert main(["eval", "classifier", "train", "digits", "--out", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return path

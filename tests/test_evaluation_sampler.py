@@ -6,7 +6,7 @@ import torch
 from models import TarFlow, TarFlowConfig
 from tarflow_testing.evaluation import CPU, FP32, perturbed_model
 from trainer.evaluation.fid import FIDError
-from trainer.evaluation.inception import tiny_fid_inception
+from trainer.evaluation.inception import load_fid_network
 from trainer.evaluation.sampler import (
     SamplingSettings,
     check_num_samples,
@@ -98,8 +98,8 @@ def test_nan_samples_are_redrawn_with_fresh_noise_and_counted():
         list(draw_samples(flaky, range(12), SamplingSettings(), base_seed=3, batch_size=6, device=CPU,
                           precision=FP32, max_redraws=0))
     # through the evaluation: the count is reported
-    result = evaluate_setting(flaky, tiny_fid_inception(), None, SamplingSettings(), num_samples=12, base_seed=3,
-                              batch_size=6, device=CPU, precision=FP32)
+    result = evaluate_setting(flaky, load_fid_network("tiny-random"), None, SamplingSettings(), num_samples=12,
+                              base_seed=3, batch_size=6, device=CPU, precision=FP32)
     assert result.nan_redraws == sum(attempts) and result.num_samples == 12 and result.fid is None
 
 

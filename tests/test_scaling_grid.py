@@ -99,6 +99,7 @@ def test_a_noise_grid_without_gaussian_noise_is_an_error(tmp_path):
 @pytest.mark.parametrize("fid, message", [
     ({"num_samples": 0}, "fid.num_samples: must be >= 1"),
     ({"split": "test"}, "fid.split: must be train or heldout"),
+    ({"metric": "kid"}, "fid.metric: must be fid, quality or fid"),
     ({"samples": 10}, "unknown config key 'fid.samples' (from the study); did you mean 'fid.num_samples'?"),
     ("tiny-random", "'fid' is a section"),
 ])
@@ -119,7 +120,8 @@ def test_grid_values_and_fid_round_trip_through_csv_and_old_files_still_read(tmp
                _result("b-s0", 0.2, 0, None, status="failed", error="exit 1: boom")]
     write_csv(results, tmp_path / "results.csv")
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
-    assert header[-3:] == ["fid", "fid_network", "train.noise_std"]
+    assert header[header.index("fid"):] == ["fid", "fid_network", "class_accuracy", "classifier_fd", "precision",
+                                            "recall", "train.noise_std"]
     assert read_csv(tmp_path / "results.csv") == results
     # results.csv written before FID and grids existed
     old = tmp_path / "old.csv"
@@ -155,7 +157,7 @@ name: tiny_noise
 config: {config}
 overrides: [train.noise=gaussian, train.global_batch=32, train.micro_batch=32, eval.at_start=false, eval.every=0,
             sample.num=1, sample.denoise=false, logging.every=5, model.num_blocks=2, model.layers_per_block=1,
-            model.head_dim=8]
+            model.head_dim=8, data.heldout_fraction=0.03]
 warmup_fraction: 0.2
 sizes: [{{name: xs, channels: 8}}]
 budgets: [{{steps: 6}}]
@@ -187,7 +189,7 @@ def test_a_tiny_noise_study_runs_end_to_end_with_a_row_per_grid_value_and_an_fid
         assert "noise: gaussian" in config and f"noise_std: {sigma}" in config
         fid = json.loads((directory / "points" / name / "fid" / "results.json").read_text())
         assert fid["num_samples"] == 4 and fid["results"][0]["denoise"] is True
-    assert len(list((directory / "fid").glob("reference-heldout-*.npz"))) == 1
+    assert len(list((directory / "fid").glob("reference-heldout-*.pth"))) == 1  # the paper convention's format
     fit = json.loads((directory / "fit.json").read_text())
     assert fit["fits"] == {} and "L(N)" not in fit["skipped"]  # one size, one budget: per grid value only
     assert [row["grid"] for row in fit["grid"]["rows"]] == [{"train.noise_std": 0.05}, {"train.noise_std": 0.5}]
@@ -214,5 +216,26 @@ def test_missing_inception_weights_fail_the_study_before_anything_trains(tmp_pat
     path.write_text(TINY.format(config=DIGITS).replace('"tiny-random"', str(tmp_path / "nope.pth")))
     assert main(["scale", "run", str(path), "--dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
-    assert "FID Inception weights not found" in err and "pt_inception-2015-12-05-6726825d.pth" in err
+    assert "FID Inception weights not found" in err and "weights-inception-2015-12-05-6726825d.pth" in err
     assert not (tmp_path / "d" / "points").exists()
+
+
+def test_a_study_can_ask_for_the_offline_classifier_metrics_per_point(tmp_path, capsys):
+    """`fid: {metric: quality}`: no Inception weights; the classifier is trained once into the study directory."""
+    path = tmp_path / "q.yaml"
+    path.write_text(TINY.format(config=DIGITS).replace("[0.05, 0.5]", "[0.05]").replace(
+        'num_samples: 4, inception: "tiny-random", split: heldout, batch_size: 4',
+        "metric: quality, num_samples: 10, batch_size: 10"))
+    argv = ["scale", "run", str(path), "--dir", str(tmp_path / "study"), "--no-fit"]
+    assert main(argv) == 0
+    (r,) = read_csv(tmp_path / "study" / "results.csv")
+    assert r.ok and r.fid is None and r.error == "" and r.classifier_fd > 0
+    assert 0 <= r.class_accuracy <= 1 and 0 <= r.precision <= 1 and 0 <= r.recall <= 1
+    assert len(list((tmp_path / "study" / "fid").glob("classifier-digits-*.pt"))) == 1
+    request = json.loads((tmp_path / "study" / "points" / r.name / "fid" / "request.json").read_text())
+    assert request["argv"][1:3] == ["--metric", "quality"] and "--classifier" in request["argv"]
+    assert "--inception" not in request["argv"] and request["classifier_sha1"]
+    assert f"[{r.name}] class accuracy " in capsys.readouterr().out
+    assert main(argv) == 0  # again: nothing to train or evaluate
+    out = capsys.readouterr().out
+    assert "] attempt " not in out and "] class accuracy " not in out and "classifier of the" not in out

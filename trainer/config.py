@@ -95,7 +95,7 @@ class EvalConfig:
     at_start: bool = True
     batch_size: int = 256
     max_images: int = 0   # 0: the whole held-out split
-    inception_weights: str = ""  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth); "": the usual places
+    inception_weights: str = ""  # FID Inception weights file of the convention, or a directory; "": the usual places
 
 
 @dataclass
@@ -180,7 +180,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
             raise ConfigError(f"overrides must look like key=value, got {bad[0]!r}")
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
     for origin, layer in layers:
-        _check_keys(OmegaConf.to_container(layer), Config, prefix="", origin=origin)
+        check_keys(OmegaConf.to_container(layer), Config, prefix="", origin=origin)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
@@ -194,7 +194,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
     return cfg
 
 
-def _check_keys(node: Any, schema: type, prefix: str, origin: str) -> None:
+def check_keys(node: Any, schema: type, prefix: str = "", origin: str = "") -> None:
+    """Unknown keys of a plain mapping ``node`` against the dataclass ``schema``, recursively through the fields
+    whose type is a dataclass: a ``ConfigError`` naming the key (``prefix`` + key), where it came from (``origin``)
+    and the closest valid key ("did you mean ...?")."""
     if not isinstance(node, dict):
         return
     fields = {f.name: f for f in dataclasses.fields(schema)}
@@ -209,7 +212,7 @@ def _check_keys(node: Any, schema: type, prefix: str, origin: str) -> None:
         if sub_type is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' is a section; give its fields, e.g. {full}.<field>=...")
-            _check_keys(value, sub_type, prefix=f"{full}.", origin=origin)
+            check_keys(value, sub_type, prefix=f"{full}.", origin=origin)
 
 
 def _dataclass_type(annotation: Any, owner: type) -> type | None:
@@ -298,7 +301,7 @@ def model_differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
 def from_yaml_text(text: str) -> Config:
     """Rebuild a typed config from a saved resolved config (checkpoints carry theirs)."""
     layer = OmegaConf.create(text)
-    _check_keys(OmegaConf.to_container(layer), Config, prefix="", origin="saved config")
+    check_keys(OmegaConf.to_container(layer), Config, prefix="", origin="saved config")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), layer))
     validate(cfg)
     return cfg

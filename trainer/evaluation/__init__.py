@@ -8,6 +8,8 @@
 - ``loading``: checkpoint URI → model
 - ``fid``, ``inception``: the distance, feature statistics, the FID Inception network
 - ``reference``: FID reference statistics of a data set
-- ``sweep``: the FID of a checkpoint at one setting, and sweeps over settings
+- ``classifier``, ``quality``: a small classifier of an embedded data set (trained once, cached) and the offline
+  quality metrics in its feature space: class accuracy, Fréchet distance, precision/recall
+- ``sweep``: the FID (and / or the quality metrics) of a checkpoint at one setting, and sweeps over settings
 - ``image_grid``: PNG grids and .npz arrays, written atomically
 """

@@ -1,76 +1,114 @@
-"""The FID Inception network: pool3 (2048-d) features of the TensorFlow "2015-12-05" Inception-v3 that FID is
-defined with, as ported by pytorch-fid (``pt_inception-2015-12-05-6726825d.pth``).
+"""The FID feature extractors, one per convention, each the network and the preprocessing of the library that
+defines it. Features are the 2048-d pool3 activations of the TensorFlow "2015-12-05" Inception-v3.
 
-Architecture
-    torchvision's Inception-v3 layout (the same module and parameter names, 1008 output classes, no auxiliary
-    head) with the FID variant's blocks, as pytorch-fid and torch-fidelity define them: in ``Mixed_5b/5c/5d``
-    (FIDInceptionA), ``Mixed_6b..6e`` (FIDInceptionC) and ``Mixed_7b`` (FIDInceptionE, first) the pooling branch
-    averages without counting the zero padding (TensorFlow's ``avg_pool``), and in ``Mixed_7c`` (second
-    FIDInceptionE) the pooling branch is a 3×3 *max* pool. Convolutions have no bias; BatchNorm eps is 1e-3. The
-    features are the global average pool after ``Mixed_7c`` ("pool3"); the classifier ``fc`` is loaded (so that the
-    weights load strictly) but never used.
+``paper`` (the default): as the official TarFlow code (apple/ml-tarflow, ``utils.FID``, ``evaluate_fid.py``,
+``prepare_fid_stats.py``) measures it: torchmetrics' ``FrechetInceptionDistance(normalize=True)``, whose feature
+extractor is torch-fidelity's ``FeatureExtractorInceptionV3``, fed float images ``0.5 · (clip(x, −1, 1) + 1)``.
+torchmetrics turns them into uint8 by truncation, ``(x · 255).byte()`` (a value between two levels goes down), and
+torch-fidelity's TensorFlow-1.x-compatible bilinear resize brings them to 299×299, then ``(x − 128)/128``.
+Weights: torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``. Later torchmetrics releases made an
+antialiased ``F.interpolate`` the default resize (``antialias=True``); the official code pinned torchmetrics 1.6,
+whose only resize was torch-fidelity's, so the metric is built with ``antialias=False`` where that argument exists.
 
-Preprocessing (the pytorch-fid convention)
-    Images enter as uint8 in [0, 255] (model samples in [-1, 1] go through :func:`to_uint8`, the same rounding the
-    PNG grids use, so generated and real images are quantised alike); they are scaled to [0, 1], 1-channel images
-    are repeated to 3 channels (pytorch-fid reads files with ``PIL.Image.convert("RGB")``, which does the same),
-    resized bilinearly to 299×299 (``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing,
-    whatever the input size: 8×8 digits are upsampled, 256×256 images downsampled), then mapped to [-1, 1]
-    (``2x − 1``) inside the network. Convolutions run in fp32 (TF32 is turned off for them on CUDA).
+``pytorch-fid``: the ``pytorch-fid`` package's ``InceptionV3`` (``resize_input``: ``F.interpolate`` bilinear,
+``align_corners=False``; ``normalize_input``: ``2x − 1``), fed uint8 images rounded as the PNG grids are,
+``round((clip(x, −1, 1) + 1) · 127.5)``, divided by 255. Weights: ``pt_inception-2015-12-05-6726825d.pth``.
 
-Weights
-    They cannot be downloaded by this code. Fetch ``pt_inception-2015-12-05-6726825d.pth`` (~92 MB) from
-    ``WEIGHTS_URL`` on a machine with internet access and point to it with ``--inception PATH``, the config key
-    ``eval.inception_weights`` where the config has one, or ``$TARFLOW_INCEPTION_WEIGHTS``; a copy in torch hub's
-    cache (``~/.cache/torch/hub/checkpoints/``, where pytorch-fid downloads it) is found by itself. Only these
-    weights give FID numbers comparable with the literature.
+In both, 1-channel images are repeated to 3 channels (what PIL's ``convert("RGB")`` does to a grey file).
 
-``tiny_fid_inception()`` builds the same architecture with every channel count divided by 8, a 75×75 input and
-random weights. It exists for plumbing tests only (its "FID" is not an FID; statistics it makes are marked as such
-and cannot be mixed with real ones).
+Weights cannot be downloaded by this code: give the file (``--inception PATH``, ``eval.inception_weights``,
+``$TARFLOW_INCEPTION_WEIGHTS``; a directory holding the convention's file name also works, so one directory can
+serve both conventions), or put it in torch hub's cache (``~/.cache/torch/hub/checkpoints/``), where each library
+downloads it to. ``tiny-random[:SEED]`` builds the library's network with random weights (scaled so that the
+features vary): plumbing only, never an FID; statistics it makes are marked so and cannot be mixed with real ones.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+from unittest import mock
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
+PAPER, PYTORCH_FID = "paper", "pytorch-fid"
+CONVENTIONS = (PAPER, PYTORCH_FID)
+DEFAULT_CONVENTION = PAPER
 WEIGHTS_ENV = "TARFLOW_INCEPTION_WEIGHTS"
 TINY_PREFIX = "tiny-random"  # ``--inception tiny-random[:SEED]``: the plumbing stand-in, never for real numbers
-INPUT_SIZE = 299
 FEATURE_DIM = 2048
-NUM_CLASSES = 1008  # the TensorFlow graph's classifier (1000 ImageNet classes + 8 unused)
 
-PREPROCESSING = ("uint8 [0,255] -> /255 -> 1-channel images repeated to 3 channels -> bilinear resize to "
-                 "{size}x{size} (align_corners=False, no antialias) -> 2x-1; pool3 features (pytorch-fid "
-                 "convention); generated images are clipped to [-1,1] and rounded to uint8 like the PNG grids")
+
+@dataclass(frozen=True)
+class WeightsFile:
+    name: str
+    url: str
+    library: str
+
+
+WEIGHTS = {
+    PAPER: WeightsFile("weights-inception-2015-12-05-6726825d.pth",
+                       "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                       "weights-inception-2015-12-05-6726825d.pth", "torch-fidelity (used by torchmetrics)"),
+    PYTORCH_FID: WeightsFile("pt_inception-2015-12-05-6726825d.pth",
+                             "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                             "pt_inception-2015-12-05-6726825d.pth", "pytorch-fid"),
+}
+
+PREPROCESSING = {
+    PAPER: ("float 0.5*(clip(x,-1,1)+1) -> torchmetrics FrechetInceptionDistance(normalize=True): (x*255).byte() "
+            "(truncation) -> 1-channel repeated to 3 -> torch-fidelity FeatureExtractorInceptionV3 (its own "
+            "TF1-compatible bilinear resize to 299x299, (x-128)/128); pool3 2048-d (paper convention)"),
+    PYTORCH_FID: ("uint8 round((clip(x,-1,1)+1)*127.5) (as the PNG grids) -> /255 -> 1-channel repeated to 3 -> "
+                  "pytorch-fid InceptionV3 (F.interpolate bilinear 299x299, align_corners=False; 2x-1); pool3 "
+                  "2048-d (pytorch-fid convention)"),
+}
 
 
 class InceptionWeightsError(ValueError):
-    """The FID Inception weights are missing or are not the FID Inception's."""
+    """The FID Inception weights are missing or are not the convention's network's."""
 
 
-def missing_weights_message(where: str) -> str:
-    return (f"FID Inception weights not found ({where}). They cannot be downloaded from here: on a machine with "
-            f"internet access fetch {WEIGHTS_FILE} (~92 MB, the pytorch-fid port of the TensorFlow FID Inception) "
-            f"from {WEIGHTS_URL}, copy it to this machine and pass --inception /path/to/{WEIGHTS_FILE} (or set "
-            f"{WEIGHTS_ENV}=/path/to/{WEIGHTS_FILE}). If pytorch-fid has run on a machine, the file is in its "
-            f"~/.cache/torch/hub/checkpoints/.")
+def check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"--fid-convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    return convention
 
 
-# ---------------------------------------------------------------- preprocessing
+def missing_weights_message(where: str, convention: str) -> str:
+    w = WEIGHTS[convention]
+    return (f"FID Inception weights not found ({where}). They cannot be downloaded from here: the {convention} "
+            f"convention uses {w.library}'s {w.name} (~92 MB); on a machine with internet access fetch it from "
+            f"{w.url}, copy it to this machine and pass --inception /path/to/{w.name} (or set "
+            f"{WEIGHTS_ENV}=/path/to/{w.name}, or put it in ~/.cache/torch/hub/checkpoints/).")
+
+
+# ---------------------------------------------------------------- the two feedings
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+
+
+def _checked(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (B, 1 or 3, H, W), got {tuple(images.shape)}")
+    if images.dtype == torch.uint8 or not bool(torch.isfinite(images).all()):
+        raise ValueError("FID features take finite float images in [-1, 1] (model space); redraw or drop "
+                         "non-finite samples first")
+    return images.float()
+
+
+def paper_input(images: torch.Tensor) -> torch.Tensor:
+    """What the official code passes to ``FrechetInceptionDistance.update``: ``0.5 · (clip(x, −1, 1) + 1)``."""
+    return 0.5 * (_checked(images).clamp(-1.0, 1.0) + 1.0)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Model-space images in [-1, 1] → uint8 ``round((clip(x, -1, 1) + 1) · 127.5)`` (round half to even), the
-    mapping of the PNG grids. A loader's ``k/255·2 − 1`` comes back as exactly ``k``. NaN is not allowed here."""
+    mapping of the PNG grids and of the pytorch-fid convention. A loader's ``k/255·2 − 1`` comes back as ``k``."""
     if images.dtype == torch.uint8:
         return images
     if not bool(torch.isfinite(images).all()):
@@ -78,304 +116,200 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return torch.round((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).to(torch.uint8)
 
 
-# ---------------------------------------------------------------- architecture
-class BasicConv2d(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, **kwargs) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **kwargs)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+# ---------------------------------------------------------------- the networks
+class FIDNetwork:
+    """``features(images)``: model-space float images (B, C, H, W) in [-1, 1] → (B, 2048) float32 features."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)), inplace=True)
+    convention: str
+    identity: str  # the network's identity, as statistics files record it
+    feature_dim = FEATURE_DIM
+    weights_digest: str | None = None  # of the loaded tensors (paper: official stats files embed the weights)
 
+    def stats_state(self) -> dict[str, torch.Tensor]:
+        """What a statistics file of this convention embeds of the network (the official ``.pth`` holds the metric's
+        whole state dict, the Inception's weights under ``inception.``)."""
+        return {}
 
-class FIDInceptionA(nn.Module):
-    """Mixed_5b/5c/5d: the pooling branch averages without counting the padding (TensorFlow's avg_pool)."""
+    @property
+    def preprocessing(self) -> str:
+        return PREPROCESSING[self.convention]
 
-    def __init__(self, in_channels: int, pool_features: int, s) -> None:
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, s(64), kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(in_channels, s(48), kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(s(48), s(64), kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, s(64), kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(s(64), s(96), kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(s(96), s(96), kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
-        self.out_channels = s(64) + s(64) + s(96) + pool_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
-        return torch.cat([b1, b5, b3, bp], 1)
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class InceptionB(nn.Module):
-    """Mixed_6a (unchanged from torchvision)."""
+class PaperNetwork(FIDNetwork):
+    """torchmetrics' ``FrechetInceptionDistance(feature=2048, normalize=True)``; its ``inception`` is torch-fidelity's
+    extractor. ``features`` is the first half of the metric's ``update``: ``(x · 255).byte()``, then the network."""
 
-    def __init__(self, in_channels: int, s) -> None:
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, s(384), kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, s(64), kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(s(64), s(96), kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(s(96), s(96), kernel_size=3, stride=2)
-        self.out_channels = s(384) + s(96) + in_channels
+    convention = PAPER
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b3 = self.branch3x3(x)
-        bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([b3, bd, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+    def __init__(self, weights_file: str, identity: str, device: torch.device | str = "cpu") -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
 
+        try:
+            self.metric = FrechetInceptionDistance(feature=FEATURE_DIM, normalize=True, sync_on_compute=False,
+                                                   feature_extractor_weights_path=weights_file,
+                                                   **official_resize()).to(device)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise InceptionWeightsError(f"{identity}: not torch-fidelity's Inception weights ({_first_line(e)})") \
+                from None
+        self.identity = identity
+        self.device = torch.device(device)
+        self.weights_digest = weights_digest(self.metric.inception.state_dict())
 
-class FIDInceptionC(nn.Module):
-    """Mixed_6b..6e: pooling branch without the padding in the average."""
-
-    def __init__(self, in_channels: int, channels_7x7: int, s) -> None:
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, s(192), kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, s(192), kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, s(192), kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, s(192), kernel_size=1)
-        self.out_channels = 4 * s(192)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            bd = layer(bd)
-        bp = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
-        return torch.cat([b1, b7, bd, bp], 1)
-
-
-class InceptionD(nn.Module):
-    """Mixed_7a (unchanged from torchvision)."""
-
-    def __init__(self, in_channels: int, s) -> None:
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, s(192), kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(s(192), s(320), kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, s(192), kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(s(192), s(192), kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(s(192), s(192), kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(s(192), s(192), kernel_size=3, stride=2)
-        self.out_channels = s(320) + s(192) + in_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class FIDInceptionE(nn.Module):
-    """Mixed_7b (``pool="avg"``, without the padding in the average) and Mixed_7c (``pool="max"``: the FID graph
-    max-pools here, where the paper and torchvision average)."""
-
-    def __init__(self, in_channels: int, s, pool: str) -> None:
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(in_channels, s(320), kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(in_channels, s(384), kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(s(384), s(384), kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(s(384), s(384), kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, s(448), kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(s(448), s(384), kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(s(384), s(384), kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(s(384), s(384), kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, s(192), kernel_size=1)
-        self.out_channels = s(320) + 4 * s(384) + s(192)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b1 = self.branch1x1(x)
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        if self.pool == "max":
-            pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        else:
-            pooled = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-        return torch.cat([b1, b3, bd, self.branch_pool(pooled)], 1)
-
-
-class FIDInception(nn.Module):
-    """``features = net(images_uint8)``: (B, 1 or 3, H, W) uint8 → pool3 features (B, feature_dim) float32.
-
-    ``width_divisor`` (1, 2, 4, 8 or 16) divides every channel count (1: the real network, 2048-d features);
-    ``input_size`` is the side images are resized to (299 for the real network; at least 75).
-    ``identity`` names the weights (set by the loaders); statistics record it so that features of different
-    networks are never compared."""
-
-    def __init__(self, width_divisor: int = 1, input_size: int = INPUT_SIZE) -> None:
-        super().__init__()
-        if width_divisor not in (1, 2, 4, 8, 16):
-            raise ValueError(f"width_divisor must be 1, 2, 4, 8 or 16, got {width_divisor}")
-        if input_size < 75:
-            raise ValueError(f"Inception-v3 needs inputs of at least 75x75, got input_size={input_size}")
-        self.width_divisor = width_divisor
-        self.input_size = input_size
-        self.identity = f"random-init(width/{width_divisor}, {input_size}px)"
-
-        def s(c: int) -> int:
-            return c // width_divisor
-
-        self.Conv2d_1a_3x3 = BasicConv2d(3, s(32), kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(s(32), s(32), kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(s(32), s(64), kernel_size=3, padding=1)
-        self.maxpool1 = nn.MaxPool2d(kernel_size=3, stride=2)
-        self.Conv2d_3b_1x1 = BasicConv2d(s(64), s(80), kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(s(80), s(192), kernel_size=3)
-        self.maxpool2 = nn.MaxPool2d(kernel_size=3, stride=2)
-        self.Mixed_5b = FIDInceptionA(s(192), pool_features=s(32), s=s)
-        self.Mixed_5c = FIDInceptionA(self.Mixed_5b.out_channels, pool_features=s(64), s=s)
-        self.Mixed_5d = FIDInceptionA(self.Mixed_5c.out_channels, pool_features=s(64), s=s)
-        self.Mixed_6a = InceptionB(self.Mixed_5d.out_channels, s=s)
-        self.Mixed_6b = FIDInceptionC(self.Mixed_6a.out_channels, channels_7x7=s(128), s=s)
-        self.Mixed_6c = FIDInceptionC(self.Mixed_6b.out_channels, channels_7x7=s(160), s=s)
-        self.Mixed_6d = FIDInceptionC(self.Mixed_6c.out_channels, channels_7x7=s(160), s=s)
-        self.Mixed_6e = FIDInceptionC(self.Mixed_6d.out_channels, channels_7x7=s(192), s=s)
-        self.Mixed_7a = InceptionD(self.Mixed_6e.out_channels, s=s)
-        self.Mixed_7b = FIDInceptionE(self.Mixed_7a.out_channels, s=s, pool="avg")
-        self.Mixed_7c = FIDInceptionE(self.Mixed_7b.out_channels, s=s, pool="max")
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(self.Mixed_7c.out_channels, NUM_CLASSES)  # loaded, never used: features are pool3
-        self.feature_dim = self.Mixed_7c.out_channels
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad_(False)
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 1|3, H, W) → float32 (B, 3, S, S) in [-1, 1] as the network expects (see the module doc)."""
-        if images.dtype != torch.uint8:
-            raise ValueError(f"FIDInception takes uint8 images in [0, 255], got {images.dtype}; convert model "
-                             f"outputs in [-1, 1] with trainer.evaluation.inception.to_uint8")
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images of shape (B, 1 or 3, H, W), got {tuple(images.shape)}")
-        x = images.to(self.fc.weight.device, torch.float32) / 255.0
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return 2.0 * x - 1.0
+    def stats_state(self) -> dict[str, torch.Tensor]:
+        return {f"inception.{k}": v.cpu() for k, v in self.metric.inception.state_dict().items()}
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(images)
-        with _fp32_convolutions(x.device):
-            for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
-                         "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
-                         "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"):
-                x = getattr(self, name)(x)
-        return torch.flatten(x, 1)
-
-    def train(self, mode: bool = True) -> "FIDInception":
-        return super().train(False)  # BatchNorm always uses its running statistics
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (_rgb(paper_input(images)).to(self.device) * 255).byte()  # FrechetInceptionDistance(normalize=True)
+        return self.metric.inception(pixels)
 
 
-@contextlib.contextmanager
-def _fp32_convolutions(device: torch.device):
-    """No TF32 in cuDNN convolutions while features are computed (the reference numbers are fp32)."""
-    saved = None
-    if device.type == "cuda":
+class PytorchFidNetwork(FIDNetwork):
+    """pytorch-fid's ``InceptionV3([3])`` (resize and normalisation on), weights loaded from a local state dict."""
+
+    convention = PYTORCH_FID
+
+    def __init__(self, state: Mapping[str, torch.Tensor], identity: str, device: torch.device | str = "cpu") -> None:
+        from pytorch_fid import inception as pytorch_fid
+
+        # pytorch-fid fetches its weights with load_state_dict_from_url (a download, or torch hub's cache): hand it
+        # the local state dict instead; it loads it strictly into its FID Inception.
         try:
-            saved = torch.backends.cudnn.allow_tf32
-            torch.backends.cudnn.allow_tf32 = False
-        except RuntimeError:  # torch refuses the legacy flag once its fp32_precision API is in use: leave it be
-            saved = None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.backends.cudnn.allow_tf32 = saved
+            with mock.patch.object(pytorch_fid, "load_state_dict_from_url", lambda *a, **k: state):
+                net = pytorch_fid.InceptionV3([pytorch_fid.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]])
+        except (RuntimeError, KeyError) as e:
+            raise InceptionWeightsError(f"{identity}: not pytorch-fid's FID Inception weights ({_first_line(e)})") \
+                from None
+        self.net = net.to(device).eval()
+        self.identity = identity
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        x = _rgb(to_uint8(_checked(images)).to(self.device).float() / 255.0)
+        return self.net(x)[0].flatten(1)
 
 
-# ---------------------------------------------------------------- construction and weights
-def tiny_fid_inception(seed: int = 0) -> FIDInception:
-    """The architecture at 1/8 width (256-d features) and 75×75 input, with random weights: plumbing tests only."""
-    net = random_init(FIDInception(width_divisor=8, input_size=75), seed)
-    net.identity = f"{TINY_PREFIX}:{seed} (random weights, width/8, 75px; NOT the FID Inception)"
-    return net
+def official_resize() -> dict:
+    """``FrechetInceptionDistance`` keywords for the resize of torchmetrics 1.6 (torch-fidelity's TF1-compatible
+    bilinear), which the official code ran: ``antialias=False`` where the argument exists."""
+    import inspect
+
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    return {"antialias": False} if "antialias" in inspect.signature(FrechetInceptionDistance).parameters else {}
 
 
-@torch.no_grad()
-def random_init(net: FIDInception, seed: int) -> FIDInception:
-    """Random weights that keep activations alive through the ~50 layers (He-normal convolutions, BatchNorm near the
-    identity), so that features depend on the image; from ``seed``, leaving the global RNG alone."""
-    generator = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            fan_in = m.weight[0].numel()
-            m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=generator))
-            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=generator))
-            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
-            m.running_var.copy_(1 + 0.2 * torch.rand(m.running_var.shape, generator=generator))
-        elif isinstance(m, nn.Linear):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=generator) / m.in_features ** 0.5)
-            m.bias.zero_()
-    return net
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
-def resolve_weights_path(cli: str | None = None, config: str | None = None) -> str:
-    """The first of: ``--inception``, the config's ``eval.inception_weights``, ``$TARFLOW_INCEPTION_WEIGHTS``, torch
-    hub's cache. An error that says where to get the file when none is given or present."""
+# ---------------------------------------------------------------- weights
+def resolve_weights_path(cli: str | None = None, config: str | None = None, convention: str = DEFAULT_CONVENTION) \
+        -> str:
+    """``--inception`` > ``eval.inception_weights`` > ``$TARFLOW_INCEPTION_WEIGHTS`` > torch hub's cache."""
     for value in (cli, config, os.environ.get(WEIGHTS_ENV)):
         if value:
             return value
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS[check_convention(convention)].name
     if cached.is_file():
         return str(cached)
-    raise InceptionWeightsError(missing_weights_message(
-        f"no --inception path, no eval.inception_weights, {WEIGHTS_ENV} unset, nothing at {cached}"))
+    raise InceptionWeightsError(missing_weights_message(f"no --inception path, no {WEIGHTS_ENV}, nothing in "
+                                                        f"{cached.parent}", convention))
 
 
-def load_fid_inception(path: str, device: torch.device | str = "cpu") -> FIDInception:
-    """The FID Inception with the weights at ``path`` (a file, or a directory holding ``WEIGHTS_FILE``), or the
-    plumbing stand-in for ``tiny-random[:SEED]``. Wrong or missing files are an :class:`InceptionWeightsError`."""
+def random_state_dict(convention: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the layout of ``convention``'s weights file: convolutions He-scaled, BatchNorm at unit
+    scale with small random shifts, so that pool3 features vary with the image (unscaled random weights make them
+    nearly constant). Deterministic in ``seed``."""
+    shapes = _layout(check_convention(convention))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.zeros((), dtype=torch.int64)
+        elif name.endswith("running_var") or (name.endswith("bn.weight")):
+            state[name] = torch.ones(shape)
+        elif name.endswith("running_mean"):
+            state[name] = torch.zeros(shape)
+        elif name.endswith("bn.bias") or name == "fc.bias":
+            state[name] = torch.randn(shape, generator=g) * 0.1
+        else:  # conv and fc weights
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            state[name] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+    return state
+
+
+def _layout(convention: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the convention's weights file, from the library's own network (built unloaded)."""
+    if convention == PAPER:
+        from torch_fidelity import feature_extractor_inceptionv3 as tf
+
+        with mock.patch.object(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None), \
+                mock.patch.object(tf, "load_state_dict_from_url", lambda *a, **k: {}):
+            net = tf.FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)])
+    else:
+        from pytorch_fid import inception as pytorch_fid
+
+        with mock.patch.object(torch.nn.Module, "load_state_dict", lambda *a, **k: None), \
+                mock.patch.object(pytorch_fid, "load_state_dict_from_url", lambda *a, **k: {}):
+            net = pytorch_fid.fid_inception_v3()
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) of a network's tensors by name, BatchNorm counters left out: the same for the weights
+    file and for the copy an official statistics file embeds."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        if not name.endswith("num_batches_tracked"):
+            digest.update(name.encode())
+            digest.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _file_identity(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{path.stem} sha256:{digest.hexdigest()[:16]}"
+
+
+def load_fid_network(path: str, convention: str = DEFAULT_CONVENTION,
+                     device: torch.device | str = "cpu") -> FIDNetwork:
+    """The convention's network with the weights at ``path`` (a file, or a directory holding the convention's file
+    name), or ``tiny-random[:SEED]``."""
+    check_convention(convention)
     if path.startswith(TINY_PREFIX):
         seed = path[len(TINY_PREFIX):].lstrip(":")
         if seed and not seed.isdigit():
             raise InceptionWeightsError(f"--inception {path!r}: expected {TINY_PREFIX} or {TINY_PREFIX}:SEED")
-        return tiny_fid_inception(int(seed or 0)).to(device)
+        seed = int(seed or 0)
+        state = random_state_dict(convention, seed)
+        identity = f"{TINY_PREFIX}:{seed} ({convention} layout, random weights; NOT the FID Inception)"
+        if convention == PYTORCH_FID:
+            return PytorchFidNetwork(state, identity, device)
+        with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity loads its weights from a file
+            torch.save(state, Path(tmp) / WEIGHTS[PAPER].name)
+            return PaperNetwork(str(Path(tmp) / WEIGHTS[PAPER].name), identity, device)
     file = Path(path).expanduser()
     if file.is_dir():
-        file = file / WEIGHTS_FILE
+        file = file / WEIGHTS[convention].name
     if not file.is_file():
-        raise InceptionWeightsError(missing_weights_message(f"{file} does not exist"))
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        raise InceptionWeightsError(missing_weights_message(f"{file} does not exist", convention))
+    identity = _file_identity(file)
+    if convention == PAPER:
+        return PaperNetwork(str(file), identity, device)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, or not a torch file
-        raise InceptionWeightsError(f"{file} is not readable as a PyTorch state dict ({type(e).__name__}: {e}); "
-                                    f"expected {WEIGHTS_FILE} from {WEIGHTS_URL}") from None
-    net = FIDInception()
-    load_weights(net, state, where=str(file))
-    net.identity = f"{WEIGHTS_FILE.removesuffix('.pth')} sha256:{digest[:16]}"
-    return net.to(device)
-
-
-def load_weights(net: FIDInception, state: Mapping[str, torch.Tensor], where: str = "state dict") -> None:
-    """Strict load, except that BatchNorm's ``num_batches_tracked`` counters may be absent; a wrong key or shape
-    names it."""
+    except Exception as e:
+        raise InceptionWeightsError(f"{file} is not readable as a PyTorch state dict ({type(e).__name__}: "
+                                    f"{_first_line(e)})") from None
     if not isinstance(state, Mapping):
-        raise InceptionWeightsError(f"{where} holds a {type(state).__name__}, not a state dict")
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"{wrong[0][0]} has shape {wrong[0][1]}, expected {wrong[0][2]}")
-        raise InceptionWeightsError(f"{where} does not hold the FID Inception weights ({detail}); expected "
-                                    f"{WEIGHTS_FILE} from {WEIGHTS_URL}")
-    net.load_state_dict({k: v for k, v in state.items()}, strict=False)
-
+        raise InceptionWeightsError(f"{file} does not hold a state dict")
+    return PytorchFidNetwork(state, identity, device)

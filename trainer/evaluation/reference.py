@@ -4,7 +4,8 @@ Default split ``train``, the usual FID reference (the training images): one epoc
 off, sharded over ranks; its ``drop_last`` leaves out fewer than ranks × batch-size images (the count ``n`` is
 stored), so with several ranks the set can differ by those few images. ``--split heldout`` reads every held-out
 image exactly once on any number of ranks. Images are what the loader yields (``data.resize`` / ``data.crop``
-apply): compute them at the resolution the model generates.
+apply): compute them at the resolution the model generates. Each image goes to the network of the convention as
+the loader yields it (float, in [-1, 1]): the convention quantises it (``inception``), as it does the samples.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import asdict
 import torch
 
 from .fid import FeatureAccumulator, FeatureStats
-from .inception import PREPROCESSING, FIDInception, to_uint8
+from .inception import FIDNetwork
 
 
 def data_config_for(data_uri: str, overrides: list[str]):
@@ -47,7 +48,7 @@ def data_config_for(data_uri: str, overrides: list[str]):
     return cfg.data
 
 
-def compute_reference_stats(data_cfg, split: str, inception: FIDInception, *, batch_size: int,
+def compute_reference_stats(data_cfg, split: str, inception: FIDNetwork, *, batch_size: int,
                             device: torch.device, rank: int = 0, world_size: int = 1,
                             max_images: int = 0) -> FeatureStats:
     """Collective: every rank reads its share of ``split`` (see the module doc); statistics on every rank."""
@@ -68,7 +69,7 @@ def compute_reference_stats(data_cfg, split: str, inception: FIDInception, *, ba
             break
         if limit:
             x = x[: limit - seen]
-        acc.update(inception(to_uint8(x)))
+        acc.update(inception.features(x))
         seen += x.shape[0]
     acc.all_reduce()
     dataset = {k: v for k, v in asdict(data_cfg).items()
@@ -79,10 +80,19 @@ def compute_reference_stats(data_cfg, split: str, inception: FIDInception, *, ba
         dataset.pop("source")
     meta = {"dataset": dataset, "split": split, "image_shape": list(image_shape), "num_images": acc.n,
             "max_images": max_images, "ranks": world_size, "loader_batch_size": batch_size,
-            "network": inception.identity, "feature_dim": inception.feature_dim, "features": "pool3",
-            "preprocessing": PREPROCESSING.format(size=inception.input_size),
+            "convention": inception.convention, "network": inception.identity, "feature_dim": inception.feature_dim,
+            "features": "pool3", "preprocessing": inception.preprocessing,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if split == "train":
         meta["note"] = ("one epoch of the train loader (no flips); its drop_last leaves out fewer than "
                         "ranks x loader_batch_size images")
     return FeatureStats.from_accumulator(acc, meta)
+
+
+def stats_file_name(data_cfg, image_shape, convention: str) -> str:
+    """The official code's file name for these statistics, ``{dataset}_{size}_fid_stats.pth``: the embedded set's
+    name, or the last part of the data URI, and the image size."""
+    from .fid import official_stats_name
+
+    name = data_cfg.source if data_cfg.format == "embedded" else data_cfg.uri.rstrip("/").rsplit("/", 1)[-1]
+    return official_stats_name(name, int(image_shape[-1]), convention)

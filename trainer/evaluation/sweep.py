@@ -1,9 +1,11 @@
 """FID of a checkpoint, sampled across all ranks (the sampling plan and NaN redraws: ``sampler``), and sweeps over
-guidance weights and attention temperatures.
+guidance weights and attention temperatures; the classifier metrics (``quality``) from the same samples, with or
+without the FID.
 
 Features
-    Each rank feeds its samples (clipped and rounded to uint8, as the PNG grids) to the FID Inception
-    (``inception``: pool3, pytorch-fid preprocessing) and accumulates n, Σx, Σxxᵀ in float64 (``fid``); one
+    Each rank feeds its float samples to the FID network of the chosen convention (``inception``: ``paper``, as
+    the official code feeds torchmetrics, or ``pytorch-fid``; each does its own quantisation and resize) and
+    accumulates n, Σx, Σxxᵀ in float64 (``fid``); one
     all-reduce combines the ranks and rank 0 computes the FID against reference statistics (``reference``). Only
     statistics travel between ranks, never images; the draw records (index, attempt, seed) are gathered.
 
@@ -15,10 +17,12 @@ Bits/dim in sweeps
 
 Outputs (``out_dir``, rank 0)
     ``sweep.csv`` (one row per setting: guidance, attn_temp, annealed, denoise, num_samples, fid, nan_redraws,
-    sample_bits_per_dim, heldout_bits_per_dim, seconds), ``sweep.png`` (FID and bits/dim against the swept value),
-    and per setting ``samples_<setting>_stats.npz`` (the samples' μ, Σ: an FID against other references needs no
-    resampling), ``draws_<setting>.npz`` (index, attempt, seed of every draw) and ``preview_<setting>.png``. The
-    reference's FID evaluation always used annealed guidance and the denoising step: ``--annealed --denoise``.
+    sample_bits_per_dim, heldout_bits_per_dim, seconds; class_accuracy, classifier_fd, precision, recall: the
+    offline metrics of ``quality``, empty unless asked for), ``sweep.png`` (FID and bits/dim against the swept value),
+    and per setting ``samples_<setting>_stats.pth|npz`` (the samples' statistics in the convention's file format:
+    an FID against other references needs no resampling), ``draws_<setting>.npz`` (index, attempt, seed of every
+    draw) and ``preview_<setting>.png``. The reference's FID evaluation always used annealed guidance and the
+    denoising step: ``--annealed --denoise``.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from models import TarFlow
 from ..distributed import all_reduce_sum, gather_objects
 from ..runtime import Precision
 from .bpd import heldout_bits_per_dim
-from .fid import FeatureAccumulator, FeatureStats, save_stats
+from .fid import FeatureAccumulator, FeatureStats, save_stats, stats_suffix
 from .image_grid import save_image_grid, save_samples_npz
-from .inception import FIDInception, to_uint8
+from .inception import FIDNetwork, to_uint8
+from .quality import QualityScorer
 from .sampler import SamplingSettings, draw_samples, rank_indices
 
 BPD_STREAM = "fid-sample-bpd"
@@ -83,7 +88,9 @@ def _to_model_space(images_uint8: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- one setting
 SWEEP_COLUMNS = ("guidance", "attn_temp", "annealed", "denoise", "num_samples", "fid", "nan_redraws",
-                 "sample_bits_per_dim", "heldout_bits_per_dim", "seconds")
+                 "sample_bits_per_dim", "heldout_bits_per_dim", "seconds", "class_accuracy", "classifier_fd",
+                 "precision", "recall")
+QUALITY_COLUMNS = SWEEP_COLUMNS[-4:]
 
 
 @dataclass
@@ -98,6 +105,10 @@ class SettingResult:
     sample_bits_per_dim: float | None  # over all ranks
     heldout_bits_per_dim: float | None
     seconds: float
+    class_accuracy: float | None = None  # the classifier metrics (``quality``), rank 0, when asked for
+    classifier_fd: float | None = None
+    precision: float | None = None
+    recall: float | None = None
     stats: FeatureStats | None = field(default=None, repr=False)            # the samples' statistics, rank 0
     draws: list[tuple[int, int, int]] | None = field(default=None, repr=False)  # every rank's draws, rank 0
     preview: torch.Tensor | None = field(default=None, repr=False)          # rank 0's first samples, uint8
@@ -106,21 +117,26 @@ class SettingResult:
         return {k: getattr(self, k) for k in SWEEP_COLUMNS}
 
 
-def evaluate_setting(model: TarFlow, inception: FIDInception, reference: FeatureStats | None,
+def evaluate_setting(model: TarFlow, inception: FIDNetwork | None, reference: FeatureStats | None,
                      settings: SamplingSettings, *, num_samples: int, base_seed: int, batch_size: int,
                      device: torch.device, precision: Precision, rank: int = 0, world_size: int = 1,
                      max_redraws: int = 10, sample_bpd: bool = True, heldout_bpd: float | None = None,
-                     save_dir: Path | None = None) -> SettingResult:
+                     save_dir: Path | None = None, classifier=None) -> SettingResult:
     """Collective: every rank samples its slice; rank 0 gets the FID (when ``reference`` is given), the gathered
-    draw records, the samples' statistics and a preview."""
+    draw records, the samples' statistics (with ``inception``), the classifier metrics (with ``classifier``, a
+    ``classifier.Classifier``) and a preview."""
     start = time.perf_counter()
     mine = rank_indices(num_samples, rank, world_size)
-    acc = FeatureAccumulator(inception.feature_dim, device)
+    acc = FeatureAccumulator(inception.feature_dim, device) if inception is not None else None
+    scorer = QualityScorer(classifier, device) if classifier is not None else None
     bpd_sum, redraws, draws, preview, saved = 0.0, 0, [], [], []
     for batch in draw_samples(model, mine, settings, base_seed=base_seed, batch_size=batch_size, device=device,
                               precision=precision, max_redraws=max_redraws):
         pixels = to_uint8(batch.images)
-        acc.update(inception(pixels))
+        if acc is not None:
+            acc.update(inception.features(batch.images))
+        if scorer is not None:
+            scorer.update(batch.indices, batch.labels, pixels)
         if sample_bpd:
             y = batch.labels if batch.labels is not None else torch.zeros(len(batch.indices), dtype=torch.int64)
             seed = derive_seed(BPD_STREAM, base_seed, batch.indices[0]) % 2 ** 63
@@ -134,16 +150,23 @@ def evaluate_setting(model: TarFlow, inception: FIDInception, reference: Feature
             saved.append((pixels.cpu(), batch.labels, batch.indices))
     if save_dir is not None:
         _save_samples(saved, save_dir / f"samples_{settings.name}_rank{rank:05d}.npz")
-    acc.all_reduce()
+    if acc is not None:
+        acc.all_reduce()
+    quality = scorer.finish(rank) if scorer is not None else None
     bpd_sum, redraws_total = all_reduce_sum([bpd_sum, float(redraws)], device)
     all_draws = gather_objects(draws)
     result = SettingResult(settings.guidance, settings.attn_temp, settings.annealed,
-                           settings.denoise_std is not None, acc.n, None, int(redraws_total),
-                           bpd_sum / acc.n if sample_bpd else None, heldout_bpd, 0.0)
-    if rank == 0:
-        result.stats = FeatureStats.from_accumulator(acc, {"network": inception.identity, **asdict(settings)})
+                           settings.denoise_std is not None, num_samples, None, int(redraws_total),
+                           bpd_sum / num_samples if sample_bpd else None, heldout_bpd, 0.0)
+    if quality is not None:
+        for k in QUALITY_COLUMNS:
+            setattr(result, k, getattr(quality, k))
+    if rank == 0 and acc is not None:
+        result.stats = FeatureStats.from_accumulator(acc, {"network": inception.identity,
+                                                           "convention": inception.convention, **asdict(settings)})
         if reference is not None:
             result.fid = result.stats.fid(reference)
+    if rank == 0:
         result.draws = [d for part in all_draws for d in part]
         result.preview = torch.cat(preview) if preview else None
     result.seconds = time.perf_counter() - start
@@ -159,12 +182,12 @@ def _save_samples(parts, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- sweeps
-def run_sweep(model: TarFlow, inception: FIDInception, reference: FeatureStats | None,
+def run_sweep(model: TarFlow, inception: FIDNetwork | None, reference: FeatureStats | None,
               settings: list[SamplingSettings], *, out_dir: Path | None = None, title: str = "",
               save_samples: bool = False, log=None, rank: int = 0, **kwargs) -> list[SettingResult]:
     """Collective: ``evaluate_setting`` for each setting (``kwargs`` are its keywords). Rank 0 writes, into
     ``out_dir``: ``sweep.csv``, ``sweep.png``, and per setting the samples' statistics
-    (``samples_<setting>_stats.npz``), every draw's (index, attempt, seed) (``draws_<setting>.npz``) and a preview
+    (``samples_<setting>_stats.pth|npz``), every draw's (index, attempt, seed) (``draws_<setting>.npz``) and a preview
     grid of up to 64 samples (``preview_<setting>.png``); with ``save_samples`` every rank writes its samples (uint8,
     with their indices and labels) as ``samples_<setting>_rank<r>.npz``."""
     results = []
@@ -176,7 +199,10 @@ def run_sweep(model: TarFlow, inception: FIDInception, reference: FeatureStats |
             continue
         if log is not None:
             fid = "n/a" if r.fid is None else f"{r.fid:.4f}"
-            log(f"{s.name}: FID {fid} over {r.num_samples} samples, {r.nan_redraws} NaN redraws, "
+            quality = "" if r.classifier_fd is None else (
+                f"class accuracy {'n/a' if r.class_accuracy is None else f'{r.class_accuracy:.4f}'}, classifier "
+                f"FD {r.classifier_fd:.4f}, precision {r.precision:.4f}, recall {r.recall:.4f}, ")
+            log(f"{s.name}: FID {fid}, {quality}over {r.num_samples} samples, {r.nan_redraws} NaN redraws, "
                 f"{r.seconds:.1f} s")
         if out_dir is not None:
             _write_setting_outputs(r, s, out_dir)
@@ -187,7 +213,8 @@ def run_sweep(model: TarFlow, inception: FIDInception, reference: FeatureStats |
 
 
 def _write_setting_outputs(r: SettingResult, s: SamplingSettings, out_dir: Path) -> None:
-    save_stats(r.stats, out_dir / f"samples_{s.name}_stats.npz")
+    if r.stats is not None:
+        save_stats(r.stats, out_dir / f"samples_{s.name}_stats{stats_suffix(r.stats.convention)}")
     draws = np.array(sorted(r.draws or []), dtype=np.uint64).reshape(-1, 3)
     save_samples_npz(out_dir / f"draws_{s.name}.npz", index=draws[:, 0].astype(np.int64),
                      attempt=draws[:, 1].astype(np.int64), seed=draws[:, 2])
@@ -208,7 +235,9 @@ def write_sweep_csv(results: list[SettingResult], path: Path) -> Path:
 
 def plot_sweep(results: list[SettingResult], path: Path, title: str = "") -> Path:
     """FID (left) and bits/dim (right) against the swept value: guidance weight when several were given (one line
-    per attention temperature), else attention temperature (one line per guidance weight)."""
+    per attention temperature), else attention temperature (one line per guidance weight); with the classifier
+    metrics two more panels: the classifier FD, and class accuracy, precision and recall (and no FID panel
+    without FIDs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,20 +247,37 @@ def plot_sweep(results: list[SettingResult], path: Path, title: str = "") -> Pat
     x_of = (lambda r: r.guidance) if by_guidance else (lambda r: r.attn_temp)
     series_of = (lambda r: r.attn_temp) if by_guidance else (lambda r: r.guidance)
     series_name = "attn temp" if by_guidance else "guidance"
-    fig, (ax_fid, ax_bpd) = plt.subplots(1, 2, figsize=(10, 4))
+    quality = any(r.classifier_fd is not None for r in results)
+    with_fid = any(r.fid is not None for r in results) or not quality
+    panels = 1 + with_fid + 2 * quality
+    fig, grid = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = list(grid[0])
+    ax_fid = axes[0] if with_fid else None
+    ax_bpd = axes[int(with_fid)]
     for value in dict.fromkeys(series_of(r) for r in results):
         rows = sorted((r for r in results if series_of(r) == value), key=x_of)
         xs = [x_of(r) for r in rows]
-        ax_fid.plot(xs, [np.nan if r.fid is None else r.fid for r in rows], "o-", label=f"{series_name} {value:g}")
+        if ax_fid is not None:
+            ax_fid.plot(xs, [np.nan if r.fid is None else r.fid for r in rows], "o-",
+                        label=f"{series_name} {value:g}")
         ax_bpd.plot(xs, [np.nan if r.sample_bits_per_dim is None else r.sample_bits_per_dim for r in rows], "o-",
                     label=f"samples, {series_name} {value:g}")
+        if quality:
+            axes[-2].plot(xs, [r.classifier_fd for r in rows], "o-", label=f"{series_name} {value:g}")
+            for key, marker in (("class_accuracy", "o-"), ("precision", "s--"), ("recall", "^:")):
+                axes[-1].plot(xs, [np.nan if getattr(r, key) is None else getattr(r, key) for r in rows], marker,
+                             label=f"{key.replace('_', ' ')}, {series_name} {value:g}")
     heldout = next((r.heldout_bits_per_dim for r in results if r.heldout_bits_per_dim is not None), None)
     if heldout is not None:
         ax_bpd.axhline(heldout, color="k", linestyle="--", label="held-out data")
     xlabel = "guidance weight" if by_guidance else "attention temperature"
-    ax_fid.set(xlabel=xlabel, ylabel="FID", title="FID")
+    if ax_fid is not None:
+        ax_fid.set(xlabel=xlabel, ylabel="FID", title="FID")
     ax_bpd.set(xlabel=xlabel, ylabel="bits/dim", title="bits/dim")
-    for ax in (ax_fid, ax_bpd):
+    if quality:
+        axes[-2].set(xlabel=xlabel, ylabel="FD", title="classifier-feature FD (vs held-out)")
+        axes[-1].set(xlabel=xlabel, ylabel="fraction", title="class accuracy, precision, recall", ylim=(0, 1.02))
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
