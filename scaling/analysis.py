@@ -32,6 +32,7 @@ from .results import (
     grid_summary,
     markdown_table,
     read_csv,
+    sample_metrics,
     short_names,
     to_points,
     write_csv,
@@ -95,8 +96,8 @@ def fit_study(name: str, results: list[PointResult], budget_of: dict[str, str], 
         axis = _plot_axis(keys, rows)
         short = shorts[axis]
         out["grid"]["plot"] = save(plot_grid, _plot_name(f"grid_{short}"), rows, axis, xlabel=short,
-                                   title=f"{name}: held-out bits/dim" + (" and FID" if any(
-                                       r.fid is not None for r in rows) else "") + f" vs {short}",
+                                   title=f"{name}: held-out bits/dim" + (" and sample metrics" if any(
+                                       r.metrics for r in rows) else "") + f" vs {short}",
                                    fid_note="plumbing only (random network)" if plumbing else "")
     elif not varied:
         out["skipped"]["L(N)"] = "the study has one size and one budget: nothing to fit"
@@ -208,8 +209,8 @@ def report_text(results: list[PointResult], fit: dict | None, pending: list[str]
     if summary:
         keys = short_names(grid_keys(results))
         parts.append(("**Per grid value**" if markdown else "Per grid value") +
-                     f" ({', '.join(keys)}): held-out bits/dim" + (" and FID" if any(
-                         r.fid is not None for r in results) else "") + ", mean ± standard deviation over seeds\n\n"
+                     f" ({', '.join(keys)}): held-out bits/dim" + (" and sample metrics" if sample_metrics(
+                         results) else "") + ", mean ± standard deviation over seeds\n\n"
                      + summary)
     if pending:
         parts.append(f"{len(pending)} point(s) not finished yet: {', '.join(pending)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .fid_eval import read_fid, read_quality
+from .fid_eval import read_metrics
 from .plan import Point
 from .results import PointResult
 from .rundir import finished, metrics_model_record, read_summary
@@ -15,7 +15,8 @@ from .state import StudyState
 def collect_results(points: list[Point], state: StudyState, fid: bool = False) -> list[PointResult]:
     """One ``PointResult`` per point. Parameters and FLOPs per image come from the run's own metrics when it logged
     them (they must agree with the plan); training FLOPs = FLOPs per image × images seen (steps × global batch).
-    With ``fid``, each finished point's FID from ``<point>/fid/`` (its evaluation's error when it failed)."""
+    With ``fid``, each finished point's sample metrics (FID, classifier metrics) from ``<point>/fid/`` (its
+    evaluation's error when it failed)."""
     results = []
     for p in points:
         st = state[p.name]
@@ -32,14 +33,13 @@ def collect_results(points: list[Point], state: StudyState, fid: bool = False) -
         images = step * p.global_batch
         wall = st.wall_seconds or float(summary.get("seconds", 0.0))
         if done:
-            value, network = read_fid(run_dir) if fid else (None, "")
-            quality = (read_quality(run_dir) if fid else None) or {}
+            metrics = read_metrics(run_dir) if fid else {}
             results.append(PointResult(
                 name=p.name, params_total=p.params_total, params_no_embed=p.params_no_embed,
                 train_flops=float(fpi) * images, train_steps=step, images_seen=images, seed=p.seed,
                 bits_per_dim=float(summary["final_bits_per_dim"]), wall_seconds=wall, status="ok",
-                attempts=max(st.attempts, 1), fid=value, fid_network=network, grid=dict(p.grid),
-                error=st.fid_error if fid and value is None and not quality else "", **quality))
+                attempts=max(st.attempts, 1), grid=dict(p.grid), error=st.fid_error if fid and not metrics else "",
+                **metrics))
         elif st.status == "failed" or p.error:
             results.append(PointResult(
                 name=p.name, params_total=p.params_total, params_no_embed=p.params_no_embed,

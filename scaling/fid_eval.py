@@ -50,6 +50,7 @@ from trainer.api import (
     stats_suffix,
 )
 
+from .results import RAW, SAMPLE_METRICS
 from .rundir import SUMMARY_FILE, atomic_write, error_line, finished, last_lines, read_from, read_summary, utc_now
 from .spec import FidSpec, StudyError, StudySpec
 
@@ -57,7 +58,6 @@ FID_DIR = "fid"                  # <point>/fid/: the eval suite's --out
 FID_LOG = "fid.log"              # <point>/fid.log: every FID evaluation's output, appended
 REQUEST_FILE = "request.json"
 RESULTS_FILE = "results.json"
-QUALITY_KEYS = ("class_accuracy", "classifier_fd", "precision", "recall")
 
 Log = Callable[[str], None]
 
@@ -93,10 +93,10 @@ class FidPlan:
         if not self.with_fid:
             return (f"classifier metrics per point (class accuracy, classifier FD, precision/recall): "
                     f"{s.num_samples} samples, guidance {s.guidance:g}, attn temp {s.attn_temp:g}"
-                    f"{', annealed' if s.annealed else ''}{', denoised' if s.denoise else ''}; classifier "
+                    f"{', annealed' if s.annealed else ''}{_denoised(s)}; classifier "
                     f"{self.classifier}")
         what = (f"FID per point: {s.num_samples} samples, guidance {s.guidance:g}, attn temp {s.attn_temp:g}"
-                f"{', annealed' if s.annealed else ''}{', denoised' if s.denoise else ''}; network {self.network}; "
+                f"{', annealed' if s.annealed else ''}{_denoised(s)}; network {self.network}; "
                 f"reference {self.ref_stats}" + ("" if Path(self.ref_stats).is_file() or not self.data_argv
                                                  else f" (computed from {self.data_argv[0]}, {s.split} split)"))
         if self.plumbing:
@@ -104,6 +104,10 @@ class FidPlan:
         if self.classifier:
             what += f"; and the classifier metrics (classifier {self.classifier})"
         return what
+
+
+def _denoised(s: FidSpec) -> str:
+    return {"true": ", denoised", "false": "", "both": ", with and without the denoising step"}[s.denoise]
 
 
 def _find(path: str, spec: StudySpec) -> Path:
@@ -231,8 +235,8 @@ def fid_argv(plan: FidPlan, point) -> list[str] | None:
         argv += ["--classifier", plan.classifier]
     if s.annealed:
         argv.append("--annealed")
-    if s.denoise:
-        argv.append("--denoise")
+    if s.denoise != "false":
+        argv += ["--denoise", {"true": "on", "both": "both"}[s.denoise]]
     if s.batch_size:
         argv += ["--batch-size", str(s.batch_size)]
     return argv
@@ -256,27 +260,34 @@ def _results(run_dir: str | Path) -> dict:
         return {}
 
 
-def read_fid(run_dir: str | Path) -> tuple[float | None, str]:
-    """(FID, network) of the point's last successful evaluation, or (None, "")."""
-    results = _results(run_dir)
-    fid = results.get("fid")
-    if not isinstance(fid, (int, float)) or not math.isfinite(fid):
-        return None, ""
-    return float(fid), str(results.get("inception", ""))
+def _finite(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def read_quality(run_dir: str | Path) -> dict | None:
-    """The classifier metrics (``QUALITY_KEYS``) of the point's last successful evaluation, or None."""
+def read_metrics(run_dir: str | Path) -> dict:
+    """The sample metrics of the point's last successful evaluation ({} when there is none): ``fid_network`` and
+    each of ``SAMPLE_METRICS`` (None when not computed) of the study's sampling (denoised unless ``fid.denoise:
+    false``), and with ``fid.denoise: both`` the same metrics without the denoising step as ``<metric>_raw``."""
     results = _results(run_dir)
-    fd = results.get("classifier_fd")
-    if not isinstance(fd, (int, float)) or not math.isfinite(fd):
-        return None
-    return {k: results.get(k) for k in QUALITY_KEYS}
+    rows = [r for r in results.get("results") or [] if isinstance(r, dict)]
+    if not rows:
+        return {}
+    denoised = [r for r in rows if r.get("denoise") is True]
+    raw = [r for r in rows if r.get("denoise") is False]
+    main = (denoised or raw)[0]
+    out = {"fid_network": str(results.get("inception", ""))}
+    out.update({k: _finite(main.get(k)) for k in SAMPLE_METRICS})
+    if denoised and raw:
+        out.update({k + RAW: _finite(raw[0].get(k)) for k in SAMPLE_METRICS})
+    return out
 
 
 def _evaluated(plan: FidPlan, run_dir) -> bool:
-    return ((not plan.with_fid or read_fid(run_dir)[0] is not None)
-            and (not plan.classifier or read_quality(run_dir) is not None))
+    """Every metric the study asks for is in the point's results (without the step too, for ``both``)."""
+    wanted = (["fid"] if plan.with_fid else []) + (["classifier_fd"] if plan.classifier else [])
+    wanted += [k + RAW for k in wanted] if plan.spec.denoise == "both" else []
+    got = read_metrics(run_dir)
+    return all(got.get(k) is not None for k in wanted)
 
 
 def fid_current(plan: FidPlan, point) -> bool:
@@ -328,18 +339,25 @@ def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
             log(f"[{point.name}] {st.fid_error}")
         return False
     st.fid_error = ""
-    fid, network = read_fid(point.run_dir)
+    m = read_metrics(point.run_dir)
+    what = [_describe_metrics(plan, m)]
+    if plan.spec.denoise == "both":
+        what.append(f"without the denoising step: {_describe_metrics(plan, m, RAW)}")
+    log(f"[{point.name}] {'; '.join(what)} over {plan.spec.num_samples} samples in {seconds:.1f} s")
+    return True
+
+
+def _describe_metrics(plan: FidPlan, m: dict, suffix: str = "") -> str:
     what = []
     if plan.with_fid:
-        note = " (plumbing only: random network)" if network.startswith(RANDOM_INCEPTION) else ""
-        what.append(f"FID {fid:.4g}{note}")
+        note = " (plumbing only: random network)" if m["fid_network"].startswith(RANDOM_INCEPTION) else ""
+        what.append(f"FID {m['fid' + suffix]:.4g}{note}")
     if plan.classifier:
-        q = read_quality(point.run_dir)
-        acc = "n/a" if q["class_accuracy"] is None else f"{q['class_accuracy']:.4f}"
-        what.append(f"class accuracy {acc}, classifier FD {q['classifier_fd']:.4g}, precision "
-                    f"{q['precision']:.3f}, recall {q['recall']:.3f}")
-    log(f"[{point.name}] {', '.join(what)} over {plan.spec.num_samples} samples in {seconds:.1f} s")
-    return True
+        acc = m["class_accuracy" + suffix]
+        what.append(f"class accuracy {'n/a' if acc is None else f'{acc:.4f}'}, classifier FD "
+                    f"{m['classifier_fd' + suffix]:.4g}, precision {m['precision' + suffix]:.3f}, recall "
+                    f"{m['recall' + suffix]:.3f}")
+    return ", ".join(what)
 
 
 def catch_up(plan: FidPlan, points, state, log: Log = print, skip: set[str] = frozenset()) -> list[str]:

@@ -66,9 +66,21 @@ def grid_short(grid: dict, key: str) -> str:
 
 
 def grid_tag(grid: dict, key: str, value: Any) -> str:
-    """The point-name part of one grid value: ``noise_std0.05``."""
+    """The point-name part of one grid value: ``noise_std0.05``; of a named set (an axis without a section): its
+    name."""
+    if "." not in key:
+        return str(value)
     v = format_value(value) if not isinstance(value, float) else f"{value:.6g}"
     return grid_short(grid, key) + re.sub(r"[^A-Za-z0-9._-]", "-", v)
+
+
+def grid_overrides(spec: StudySpec, combo: dict) -> list[str]:
+    """The ``key=value`` overrides of one combination of grid values (a named set: its keys)."""
+    out = []
+    for key, value in combo.items():
+        pairs = spec.grid_sets[key][value].items() if key in spec.grid_sets else [(key, value)]
+        out += [f"{k}={format_value(v)}" for k, v in pairs]
+    return out
 
 
 def expand_grid(grid: dict) -> list[dict]:
@@ -175,14 +187,14 @@ def plan_study(spec: StudySpec, directory: str | Path | None = None) -> list[Poi
     for size in expand_sizes(spec):
         size_overrides = size.as_overrides()
         for combo in combos:
-            grid_overrides = [f"{k}={format_value(v)}" for k, v in combo.items()]
+            combo_overrides = grid_overrides(spec, combo)
             tags = "".join(f"-{grid_tag(spec.grid, k, v)}" for k, v in combo.items())
             sized, size_error = None, ""
             try:
-                sized = load_config(config, spec.overrides + size_overrides + grid_overrides + measurement)
+                sized = load_config(config, spec.overrides + size_overrides + combo_overrides + measurement)
                 noises.add(sized.train.noise)
             except (ConfigError, ValueError) as e:
-                size_error = f"size {size.name}{' with ' + ' '.join(grid_overrides) if combo else ''}: {e}"
+                size_error = f"size {size.name}{' with ' + ' '.join(combo_overrides) if combo else ''}: {e}"
             for budget in budgets:
                 for seed in spec.seeds:
                     name = f"{size.name}-{budget_name(budget)}{tags}-s{seed}"
@@ -190,7 +202,7 @@ def plan_study(spec: StudySpec, directory: str | Path | None = None) -> list[Poi
                     point = Point(name=name, size=size.name, budget=budget_name(budget), seed=seed,
                                   run_dir=str(run_dir), argv=[], error=size_error, grid=dict(combo))
                     if sized is not None:
-                        _fill(point, spec, config, sized, size_overrides + grid_overrides, budget)
+                        _fill(point, spec, config, sized, size_overrides + combo_overrides, budget)
                     points.append(point)
     if "train.noise_std" in spec.grid and noises and "gaussian" not in noises:
         raise StudyError(f"{spec.source}: grid.train.noise_std: every point trains with train.noise=uniform "
@@ -203,6 +215,7 @@ def plan_study(spec: StudySpec, directory: str | Path | None = None) -> list[Poi
 def _sets_noise(spec: StudySpec) -> bool:
     keys = [o.split("=", 1)[0].strip() for o in spec.overrides]
     keys += [o.split("=", 1)[0].strip() for s in spec.named_sizes for o in s.overrides]
+    keys += [k for sets in spec.grid_sets.values() for overrides in sets.values() for k in overrides]
     return DEFAULT_NOISE[0] in keys or DEFAULT_NOISE[0] in spec.grid
 
 
@@ -218,7 +231,7 @@ def _check_grid_values(spec: StudySpec, config: str | None) -> None:
     for key, values in spec.grid.items():
         for v in values:
             try:
-                load_config(config, spec.overrides + [f"{key}={format_value(v)}"])
+                load_config(config, spec.overrides + grid_overrides(spec, {key: v}))
             except (ConfigError, ValueError) as e:
                 raise StudyError(f"{spec.source}: grid.{key}: {v!r}: {e}") from None
 

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from .fit import Frontier, Points, ScalingFit
-from .results import format_count
+from .results import RAW, format_count
 
 FIGSIZE = (6.4, 4.8)  # inches; at DPI this is 960 × 720 pixels
 DPI = 150
@@ -126,12 +126,27 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+# The sample metrics plot_grid draws, each in a panel of its own when any row has it (the tables have them all).
+GRID_PANELS = (("fid", "FID"), ("class_accuracy", "class accuracy of samples"),
+               ("classifier_fd", "classifier-feature FD (vs held-out)"))
+
+
+def grid_panels(rows, fid_note: str = "") -> list[tuple[str, str]]:
+    """(field, y label) of each panel of ``plot_grid``: bits/dim, then each of ``GRID_PANELS`` some row has."""
+    panels = [("bits_per_dim", "held-out bits/dim")]
+    for metric, label in GRID_PANELS:
+        if any(r.metric(metric)[0] is not None for r in rows):
+            panels.append((metric, label + (f"\n({fid_note})" if fid_note and metric == "fid" else "")))
+    return panels
+
+
 def plot_grid(rows, key: str, path: str | Path, xlabel: str = "", title: str = "", *, fid_note: str = "",
               figsize: tuple[float, float] | None = None, dpi: int = DPI) -> Path:
-    """Held-out bits/dim (and FID, in a second panel, when any row has one) against the grid value of ``key``: the
-    mean over seeds with an error bar of ± one standard deviation, one line per (size, budget, other grid values).
-    ``rows`` are ``scaling.results.GridRow``. Numeric values on a log axis when they span more than 10×; other
-    values (strings, booleans) as categories in the order given. Writes a PNG."""
+    """Held-out bits/dim, and FID, class accuracy and classifier FD (a panel each, when any row has it) against the
+    grid value of ``key``: the mean over seeds with an error bar of ± one standard deviation, one line per (size,
+    budget, other grid values), dashed without the denoising step (``fid.denoise: both``). ``rows`` are
+    ``scaling.results.GridRow``. Numeric values on a log axis when they span more than 10×; other values (strings,
+    booleans) as categories in the order given. Writes a PNG."""
     values = list(dict.fromkeys(r.grid.get(key) for r in rows))
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     if numeric:
@@ -141,11 +156,9 @@ def plot_grid(rows, key: str, path: str | Path, xlabel: str = "", title: str = "
     else:
         position = {v: float(i) for i, v in enumerate(values)}
         log_x = False
-    panels = [("bits_per_dim", "held-out bits/dim")]
-    if any(r.fid is not None for r in rows):
-        panels.append(("fid", "FID" + (f"\n({fid_note})" if fid_note else "")))
+    panels = grid_panels(rows, fid_note)
     if figsize is None:
-        figsize = (FIGSIZE[0] * (1 if len(panels) == 1 else 1.7), FIGSIZE[1] * 0.85)
+        figsize = (FIGSIZE[0] * (1 if len(panels) == 1 else 0.85 * len(panels)), FIGSIZE[1] * 0.85)
     fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     series: dict[tuple, list] = {}
@@ -154,25 +167,34 @@ def plot_grid(rows, key: str, path: str | Path, xlabel: str = "", title: str = "
         series.setdefault((r.size, r.budget, other), []).append(r)
     sizes = len({s[0] for s in series}) > 1
     budgets = len({s[1] for s in series}) > 1
+
+    def value_of(r, field: str) -> tuple:
+        if field == "bits_per_dim":
+            return r.bits_per_dim, r.bits_per_dim_std, len(r.seeds)
+        return r.metric(field)
+
     for i, (field, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         if log_x:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(_plain))
+        variants = [(field, "o-", "")] + ([(field + RAW, "s--", ", no denoise")] if field != "bits_per_dim" else [])
         for j, ((size, budget, other), rs) in enumerate(series.items()):
             rs = sorted(rs, key=lambda r: position[r.grid.get(key)])
-            pts = [(position[r.grid.get(key)], getattr(r, field), getattr(r, f"{field}_std"),
-                    getattr(r, "fid_n", 1) if field == "fid" else len(r.seeds)) for r in rs]
-            pts = [p for p in pts if p[1] is not None]
-            if not pts:
-                continue
-            xs, ys, sd, n = zip(*pts)
-            label = ", ".join([*([f"N = {format_count(rs[0].params_total)}"] if sizes else []),
-                               *([budget] if budgets else []), *[f"{k.rsplit('.', 1)[-1]}={v}" for k, v in other]])
-            seeds = max(n)
-            label = (label + ", " if label else "") + f"mean of {seeds} seed{'s' if seeds > 1 else ''}"
-            ax.errorbar(xs, ys, yerr=[0.0 if s is None else s for s in sd], fmt="o-", color=f"C{j % 10}",
-                        capsize=3, markersize=4, linewidth=1.2, label=label + (" ± sd" if seeds > 1 else ""))
+            for name, fmt, suffix in variants:
+                pts = [(position[r.grid.get(key)], *value_of(r, name)) for r in rs]
+                pts = [p for p in pts if p[1] is not None]
+                if not pts:
+                    continue
+                xs, ys, sd, n = zip(*pts)
+                label = ", ".join([*([f"N = {format_count(rs[0].params_total)}"] if sizes else []),
+                                   *([budget] if budgets else []),
+                                   *[f"{k.rsplit('.', 1)[-1]}={v}" for k, v in other]])
+                seeds = max(n)
+                label = (label + ", " if label else "") + f"mean of {seeds} seed{'s' if seeds > 1 else ''}"
+                ax.errorbar(xs, ys, yerr=[0.0 if s is None else s for s in sd], fmt=fmt, color=f"C{j % 10}",
+                            capsize=3, markersize=4, linewidth=1.2,
+                            label=label + (" ± sd" if seeds > 1 else "") + suffix)
         if not numeric:
             ax.set_xticks([position[v] for v in values], [str(v) for v in values])
         else:

@@ -1,7 +1,8 @@
 """Per-point results of a scaling study: the record, its CSV form, and text/markdown tables.
 
-CSV columns: the fixed fields of :class:`PointResult` (``fid`` and ``fid_network`` optional: files written before
-they existed still read), then one column per grid key of the study (``train.noise_std``: a dotted config key).
+CSV columns: the fixed fields of :class:`PointResult` (the sample metrics and ``fid_network`` optional: files
+written before they existed still read), then one column per grid key of the study (``train.noise_std``: a dotted
+config key; ``noise``: an axis of named sets, whose values are the sets' names).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class PointResult:
     message (for a finished point whose FID evaluation failed: that). ``fid`` is the point's FID when the study
     asks for one, and ``fid_network`` the network it came from (``tiny-random...``: a random stand-in, not an FID);
     ``class_accuracy``, ``classifier_fd``, ``precision``, ``recall`` the offline classifier metrics when it asks;
+    ``<metric>_raw`` the same metrics of the same draws without the denoising step (``fid.denoise: both``);
     ``grid`` the study's grid values of this point (config key → value)."""
 
     name: str
@@ -46,6 +48,11 @@ class PointResult:
     classifier_fd: float | None = None
     precision: float | None = None
     recall: float | None = None
+    fid_raw: float | None = None         # without the denoising step (fid.denoise: both)
+    class_accuracy_raw: float | None = None
+    classifier_fd_raw: float | None = None
+    precision_raw: float | None = None
+    recall_raw: float | None = None
     grid: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,15 +78,20 @@ class PointResult:
     @classmethod
     def from_dict(cls, d: dict) -> PointResult:
         """Accepts both typed values and the strings a CSV reader gives back; grid values either as ``grid`` or as
-        dotted keys (CSV columns)."""
+        the columns that are not fields (CSV: a config key, or the axis of named sets)."""
         grid = dict(d["grid"]) if isinstance(d.get("grid"), dict) else {
-            k: parse_scalar(v) for k, v in d.items() if isinstance(k, str) and "." in k}
+            k: parse_scalar(v) for k, v in d.items() if isinstance(k, str) and k not in _CONVERT}
         return cls(**{name: _CONVERT[name](d[name]) for name in _COLUMNS if name in d}, grid=grid)
 
 
 _COLUMNS = [f.name for f in fields(PointResult) if f.name != "grid"]
-_QUALITY = ("class_accuracy", "classifier_fd", "precision", "recall")
-_OPTIONAL = {"fid", "fid_network", *_QUALITY}  # added later: older results.csv files lack them
+# What a point's samples are scored by (``tarflow eval``'s result rows): the table formats and headers of each, and
+# the same metric without the denoising step (``<metric>_raw``).
+SAMPLE_METRICS = {"fid": (".4g", "FID"), "class_accuracy": (".3f", "class acc"), "classifier_fd": (".4g", "cls FD"),
+                  "precision": (".3f", "precision"), "recall": (".3f", "recall")}
+RAW = "_raw"
+ALL_SAMPLE_METRICS = (*SAMPLE_METRICS, *(k + RAW for k in SAMPLE_METRICS))
+_OPTIONAL = {"fid_network", *ALL_SAMPLE_METRICS}  # added later: older results.csv files lack them
 
 
 def parse_scalar(v: Any) -> Any:
@@ -110,8 +122,8 @@ def _optional_float(v) -> float | None:
 _CONVERT = {
     "name": str, "params_total": _int, "params_no_embed": _int, "train_flops": _float, "train_steps": _int,
     "images_seen": _int, "seed": _int, "bits_per_dim": _optional_float, "wall_seconds": _float, "status": str,
-    "attempts": _int, "error": lambda v: "" if v is None else str(v), "fid": _optional_float,
-    "fid_network": lambda v: "" if v is None else str(v), **{k: _optional_float for k in _QUALITY},
+    "attempts": _int, "error": lambda v: "" if v is None else str(v),
+    "fid_network": lambda v: "" if v is None else str(v), **{k: _optional_float for k in ALL_SAMPLE_METRICS},
 }
 
 
@@ -149,7 +161,7 @@ def read_csv(path: str | Path) -> list[PointResult]:
         missing = set(_COLUMNS) - _OPTIONAL - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
-        return [PointResult.from_dict({k: v for k, v in row.items() if not (k and "." in k and v == "")})
+        return [PointResult.from_dict({k: v for k, v in row.items() if not (k not in _CONVERT and v == "")})
                 for row in reader]
 
 
@@ -166,7 +178,7 @@ def sort_key(r: PointResult) -> tuple:
 def to_points(results: Iterable[PointResult], x: str = "params_total") -> Points:
     """The successful points as (x, bits/dim) for fitting; ``x`` is a numeric field, e.g. "params_total",
     "params_no_embed" or "train_flops". Failed points are left out."""
-    if x not in _CONVERT or x in ("name", "status", "error", "bits_per_dim", "fid", "fid_network"):
+    if x not in _CONVERT or x in ("name", "status", "error", "bits_per_dim", "fid_network", *ALL_SAMPLE_METRICS):
         raise ValueError(f"x must be a numeric field of PointResult; got {x!r}")
     ok = [r for r in results if r.ok]
     return Points(x=np.array([getattr(r, x) for r in ok], dtype=float),
@@ -219,27 +231,51 @@ def fid_header(results: Sequence[PointResult]) -> str:
     return "FID†" if any(r.fid_plumbing for r in results) else "FID"
 
 
+def sample_metrics(results: Sequence[PointResult]) -> list[str]:
+    """The sample metrics any point has (``fid`` also when only its network is known: a failed evaluation), in
+    table order: each metric, then without the denoising step."""
+    present = [k for k in ALL_SAMPLE_METRICS if any(getattr(r, k) is not None for r in results)]
+    if has_fid(results) and "fid" not in present:
+        present.insert(0, "fid")
+    return present
+
+
+def _base(key: str) -> str:
+    """The metric a column measures (``fid_raw`` → ``fid``)."""
+    return key[:-len(RAW)] if key.endswith(RAW) else key
+
+
+def metric_header(key: str, results: Sequence[PointResult]) -> str:
+    name = fid_header(results) if _base(key) == "fid" else SAMPLE_METRICS[_base(key)][1]
+    return name + (" (no denoise)" if key.endswith(RAW) else "")
+
+
+def format_metric(key: str, value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:{SAMPLE_METRICS[_base(key)][0]}}"
+
+
 def _headers(results: Sequence[PointResult]) -> tuple[str, ...]:
     keys = grid_keys(results)
     h = list(_HEADERS)
     h[6:6] = short_names(keys)  # the grid values before the seed
-    if has_fid(results):
-        h.insert(h.index("bits/dim") + 1, fid_header(results))
+    at = h.index("bits/dim") + 1
+    h[at:at] = [metric_header(k, results) for k in sample_metrics(results)]
     return tuple(h)
 
 
 def _rows(results: Sequence[PointResult]) -> list[tuple[str, ...]]:
     keys = grid_keys(results)
-    fid = has_fid(results)
+    metrics = sample_metrics(results)
     rows = []
     for r in sorted(results, key=sort_key):
         bpd = f"{r.bits_per_dim:.4f}" if r.ok else "—"
         row = [r.name, format_count(r.params_total), format_count(r.params_no_embed), f"{r.train_flops:.3g}",
                str(r.train_steps), format_count(r.images_seen),
-               *[format_grid_value(r.grid[k]) if k in r.grid else "" for k in keys], str(r.seed), bpd]
-        if fid:
-            row.append(f"{r.fid:.4g}" if r.fid_ok else "—")
-        row += [_wall(r.wall_seconds), r.status, str(r.attempts)]
+               *[format_grid_value(r.grid[k]) if k in r.grid else "" for k in keys], str(r.seed), bpd,
+               *[format_metric(k, getattr(r, k) if r.ok else None) for k in metrics],
+               _wall(r.wall_seconds), r.status, str(r.attempts)]
         rows.append(tuple(row))
     return rows
 
@@ -305,7 +341,8 @@ def markdown_table(results: Sequence[PointResult]) -> str:
 @dataclass
 class GridRow:
     """The points of one (size, budget, grid values) over their seeds: mean and spread (sample standard deviation
-    over seeds, None with one seed; min and max) of bits/dim and of FID."""
+    over seeds, None with one seed; min and max) of bits/dim, and mean, standard deviation and count of each sample
+    metric the points have (``metrics``: name → {"mean", "std", "n"})."""
 
     grid: dict
     size: str
@@ -316,10 +353,24 @@ class GridRow:
     bits_per_dim_std: float | None
     bits_per_dim_min: float | None
     bits_per_dim_max: float | None
-    fid: float | None = None
-    fid_std: float | None = None
-    fid_n: int = 0
+    metrics: dict = field(default_factory=dict)
     failed: int = 0
+
+    def metric(self, key: str) -> tuple[float | None, float | None, int]:
+        m = self.metrics.get(key) or {}
+        return m.get("mean"), m.get("std"), m.get("n", 0)
+
+    @property
+    def fid(self) -> float | None:
+        return self.metric("fid")[0]
+
+    @property
+    def fid_std(self) -> float | None:
+        return self.metric("fid")[1]
+
+    @property
+    def fid_n(self) -> int:
+        return self.metric("fid")[2]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -346,12 +397,15 @@ def grid_summary(results: Sequence[PointResult], size_of: dict[str, str] | None 
     for (size, params, budget, grid), rs in groups.items():
         ok = [r for r in rs if r.ok]
         mean, std, lo, hi = _spread([r.bits_per_dim for r in ok])
-        fids = [r.fid for r in ok if r.fid_ok]
-        fmean, fstd, _, _ = _spread(fids)
+        metrics = {}
+        for k in ALL_SAMPLE_METRICS:
+            values = [getattr(r, k) for r in ok if getattr(r, k) is not None and math.isfinite(getattr(r, k))]
+            if values:
+                m_mean, m_std, _, _ = _spread(values)
+                metrics[k] = {"mean": m_mean, "std": m_std, "n": len(values)}
         rows.append(GridRow(grid=dict(grid), size=size, params_total=params, budget=budget,
                             seeds=[r.seed for r in ok], bits_per_dim=mean, bits_per_dim_std=std,
-                            bits_per_dim_min=lo, bits_per_dim_max=hi, fid=fmean, fid_std=fstd, fid_n=len(fids),
-                            failed=len(rs) - len(ok)))
+                            bits_per_dim_min=lo, bits_per_dim_max=hi, metrics=metrics, failed=len(rs) - len(ok)))
     return rows
 
 
@@ -361,14 +415,13 @@ def _pm(mean: float | None, std: float | None, digits: str) -> str:
     return f"{mean:{digits}}" + (f" ± {std:{digits}}" if std is not None else "")
 
 
-def _summary_rows(rows: Sequence[GridRow], fid: bool, plumbing: bool) -> list[tuple[str, ...]]:
+def _summary_rows(rows: Sequence[GridRow], results: Sequence[PointResult]) -> list[tuple[str, ...]]:
     keys = list(dict.fromkeys(k for r in rows for k in r.grid))
     sizes = len({r.size for r in rows}) > 1
     budgets = len({r.budget for r in rows}) > 1
+    metrics = sample_metrics(results)
     header = [*short_names(keys), *(["size"] if sizes else []), *(["budget"] if budgets else []), "seeds",
-              "bits/dim (mean ± sd)", "min", "max"]
-    if fid:
-        header.append(("FID†" if plumbing else "FID") + " (mean ± sd)")
+              "bits/dim (mean ± sd)", "min", "max", *[f"{metric_header(k, results)} (mean ± sd)" for k in metrics]]
     out = [tuple(header)]
     for r in rows:
         row = [*[format_grid_value(r.grid[k]) if k in r.grid else "" for k in keys], *([r.size] if sizes else []),
@@ -376,20 +429,20 @@ def _summary_rows(rows: Sequence[GridRow], fid: bool, plumbing: bool) -> list[tu
                _pm(r.bits_per_dim, r.bits_per_dim_std, ".4f"),
                "—" if r.bits_per_dim_min is None else f"{r.bits_per_dim_min:.4f}",
                "—" if r.bits_per_dim_max is None else f"{r.bits_per_dim_max:.4f}"]
-        if fid:
-            row.append(_pm(r.fid, r.fid_std, ".4g"))
+        for k in metrics:
+            mean, std, _ = r.metric(k)
+            row.append(_pm(mean, std, SAMPLE_METRICS[_base(k)][0]))
         out.append(tuple(row))
     return out
 
 
 def format_grid_summary(results: Sequence[PointResult], size_of: dict[str, str] | None = None,
                         budget_of: dict[str, str] | None = None, markdown: bool = False, notes: bool = True) -> str:
-    """Held-out bits/dim (and FID) per grid value, mean ± standard deviation over seeds; "" without a grid.
-    ``notes``: say below it what a † FID column is (off when the per-point table above says it)."""
+    """Held-out bits/dim (and each sample metric) per grid value, mean ± standard deviation over seeds; "" without a
+    grid. ``notes``: say below it what a † FID column is (off when the per-point table above says it)."""
     if not grid_keys(results):
         return ""
-    rows = _summary_rows(grid_summary(results, size_of, budget_of), has_fid(results),
-                         any(r.fid_plumbing for r in results))
+    rows = _summary_rows(grid_summary(results, size_of, budget_of), results)
     lines = _md_table(rows) if markdown else _text_table(rows)
     extra = _notes(results) if notes else []
     return "\n".join(lines + ([""] + extra if extra else []))

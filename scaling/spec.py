@@ -38,7 +38,14 @@ held-out data).
 ``grid`` adds axes besides sizes × budgets × seeds: a mapping of config keys (``section.key``, or nested mappings) to
 lists of values; every combination of them is a point of every size, budget and seed, named
 ``<size>-<budget>-<key><value>...-s<seed>`` (the key's last part: ``noise_std0.05``). Each value is checked with the
-trainer's own config loader before anything runs.
+trainer's own config loader before anything runs. An axis of *named sets* moves several keys together (a key
+without a section, listing mappings of a ``name`` and config keys; the name is the point-name part and the grid
+value)::
+
+    grid:
+      noise:
+        - {name: uniform, train.noise: uniform}               # dequantisation only
+        - {name: sigma0.05, train.noise: gaussian, train.noise_std: 0.05}
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from typing import List, Optional
 
 WHERE = ("local", "slurm", "k8s")
 FIT_X = ("params_no_embed", "params_total")
+DENOISE = ("true", "false", "both")  # fid.denoise
 SIZE_KEYS = ("channels", "num_blocks", "layers_per_block", "head_dim")
 BUDGET_KEYS = ("steps", "images", "flops")
 # What every point runs with, whatever the base config says: held-out bits/dim (the trainer evaluates it under uniform
@@ -165,7 +173,9 @@ class FidSpec:
     ``tarflow eval stats``; "": computed once per study from the base config's data (``split``). ``metric``: what
     ``tarflow eval --metric`` computes: ``fid``, ``quality`` (the offline classifier metrics: class accuracy,
     classifier-feature FD, precision/recall; no Inception weights; the classifier is trained once per study on the
-    base config's data) or ``fid+quality`` (both from the same samples)."""
+    base config's data) or ``fid+quality`` (both from the same samples). ``denoise``: sample with the denoising step
+    (``true``, the paper's), without (``false``), or ``both``: every metric with and without it from the same draws
+    (the results' ``*_raw`` columns are without)."""
 
     metric: str = "fid"
     num_samples: int = 1000
@@ -176,7 +186,7 @@ class FidSpec:
     guidance: float = 0.0
     attn_temp: float = 1.0
     annealed: bool = False
-    denoise: bool = True
+    denoise: str = "true"            # the Tweedie step: true | false | both (the same draws with and without it)
     seed: int = 0
     batch_size: int = 0              # samples per batch (0: the point's eval.batch_size)
     device: str = "auto"
@@ -197,6 +207,9 @@ class StudySpec:
     fid: Optional[FidSpec] = None
     # config key → its values (parsed by hand: keys with dots, nested mappings flattened)
     grid: dict = field(default_factory=dict)
+    # an axis of named sets (grid: {noise: [{name: uniform, train.noise: uniform}, ...]}): axis → name → overrides;
+    # its grid values are the names
+    grid_sets: dict = field(default_factory=dict)
     # sizes is parsed by hand (a grid mapping or a list of named sizes): see load_study
     size_grid: Optional[SizeGrid] = None
     named_sizes: List[NamedSize] = field(default_factory=list)
@@ -204,7 +217,7 @@ class StudySpec:
 
 
 # Fields set by the loader, not by the study file.
-INTERNAL = ("size_grid", "named_sizes", "source")
+INTERNAL = ("size_grid", "named_sizes", "source", "grid_sets")
 # The keys a study file may have, as a schema for the trainer's key check (``trainer.api.check_keys``): the public
 # fields, ``fid`` as a section (it is optional only in the spec), ``sizes`` (a grid mapping or a list: parsed by
 # hand) and ``budgets`` (a list: each checked on its own).

@@ -15,6 +15,7 @@ from trainer.api import ConfigError, check_keys
 from .plan import budget_name, grid_tag
 from .spec import (
     BUDGET_KEYS,
+    DENOISE,
     FIT_X,
     MEASUREMENT,
     NAME_RE,
@@ -64,10 +65,10 @@ def study_from_dict(raw: dict, source: str = "study") -> StudySpec:
         if not isinstance(b, dict):
             raise StudyError(f"{source}: 'budgets[{i}]' must be a mapping, got {b!r}")
         _check_keys(b, Budget, f"budgets[{i}].", source)
-    grid = _parse_grid(raw.pop("grid", None), source)
+    grid, grid_sets = _parse_grid(raw.pop("grid", None), source)
     fid = raw.pop("fid", None)
     spec = _structured(StudySpec, raw, source, "")
-    spec.grid = grid
+    spec.grid, spec.grid_sets = grid, grid_sets
     if fid is not None:
         spec.fid = _structured(FidSpec, fid, source, "fid.")
     spec.budgets = [_structured(Budget, b, source, f"budgets[{i}].") for i, b in enumerate(budgets)]
@@ -95,15 +96,18 @@ def study_from_dict(raw: dict, source: str = "study") -> StudySpec:
 _SCALAR = (int, float, str, bool)
 
 
-def _parse_grid(node: Any, source: str) -> dict:
+def _parse_grid(node: Any, source: str) -> tuple[dict, dict]:
     """``{train.noise_std: [..]}`` or ``{train: {noise_std: [..]}}`` → ``{"train.noise_std": [..]}``; a single value
-    is a list of one."""
+    is a list of one. An axis of named sets (a key without a section, a list of mappings, each a ``name`` and config
+    keys): ``{noise: [{name: uniform, train.noise: uniform}, ...]}`` → ``{"noise": ["uniform", ...]}`` and, second,
+    ``{"noise": {"uniform": {"train.noise": "uniform"}, ...}}``."""
     if node is None:
-        return {}
+        return {}, {}
     if not isinstance(node, dict):
         raise StudyError(f"{source}: grid must map config keys to lists of values, e.g. "
                          f"grid: {{train.noise_std: [0.05, 0.1]}}; got {node!r}")
     out: dict = {}
+    sets: dict = {}
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
@@ -116,18 +120,46 @@ def _parse_grid(node: Any, source: str) -> dict:
         where = f"grid.{prefix}"
         if not values:
             raise StudyError(f"{source}: {where}: give at least one value")
+        if "." not in prefix and all(isinstance(v, dict) for v in values):
+            sets[prefix] = _parse_set_axis(values, where, source)
+            out[prefix] = list(sets[prefix])
+            return
         bad = [v for v in values if not isinstance(v, _SCALAR)]
         if bad:
             raise StudyError(f"{source}: {where}: values must be numbers, strings or booleans, got {bad[0]!r}")
         if len({(type(v), v) for v in values}) != len(values):
             raise StudyError(f"{source}: {where}: has duplicates: {values}")
         if "." not in prefix:
-            raise StudyError(f"{source}: {where}: give the full config key (section.key), e.g. train.{prefix}")
+            raise StudyError(f"{source}: {where}: give the full config key (section.key), e.g. train.{prefix}, or "
+                             f"a list of named sets ({prefix}: [{{name: a, section.key: value, ...}}, ...])")
         out[prefix] = list(values)
 
     for key, value in node.items():
         walk(str(key), value)
-    return out
+    return out, sets
+
+
+def _parse_set_axis(items: list[dict], where: str, source: str) -> dict:
+    """Named sets of overrides: name → {config key: value}."""
+    axis: dict = {}
+    for i, item in enumerate(items):
+        name = item.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise StudyError(f"{source}: {where}[{i}].name: give each set a name of letters, digits, '.', '_' or "
+                             f"'-' (it is part of the point names), got {name!r}")
+        if name in axis:
+            raise StudyError(f"{source}: {where}[{i}].name: {name!r} names two sets")
+        values = {str(k): v for k, v in item.items() if k != "name"}
+        if not values:
+            raise StudyError(f"{source}: {where}[{i}] ({name}): give at least one config key")
+        for k, v in values.items():
+            if "." not in k:
+                raise StudyError(f"{source}: {where}[{i}].{k}: give the full config key (section.key)")
+            if not isinstance(v, _SCALAR):
+                raise StudyError(f"{source}: {where}[{i}].{k}: values must be numbers, strings or booleans, "
+                                 f"got {v!r}")
+        axis[name] = values
+    return axis
 
 
 def _check_keys(node: dict, schema: type, prefix: str, source: str) -> None:
@@ -223,19 +255,26 @@ def _validate(spec: StudySpec) -> None:
         _require(d.guidance >= 0 and math.isfinite(d.guidance), src, "fid.guidance", f"must be >= 0, got {d.guidance}")
         _require(d.attn_temp > 0, src, "fid.attn_temp", f"must be > 0, got {d.attn_temp}")
         _require(d.batch_size >= 0, src, "fid.batch_size", f"must be >= 0, got {d.batch_size}")
+        _require(d.denoise.lower() in DENOISE, src, "fid.denoise",
+                 f"must be {', '.join(DENOISE[:-1])} or {DENOISE[-1]}, got {d.denoise!r}")
+        d.denoise = d.denoise.lower()  # YAML's booleans arrive as True/False
 
 
 def _validate_grid(spec: StudySpec) -> None:
     src = spec.source
     set_by_overrides = {o.split("=", 1)[0].strip() for o in spec.overrides}
-    for key in spec.grid:
-        where = f"grid.{key}"
-        _require(key not in PER_POINT, src, where, f"{key} is set per point by {PER_POINT.get(key)}")
-        _require(key not in MEASUREMENT, src, where,
-                 f"a scaling study measures held-out bits/dim in fp32 over the whole held-out split, so every point "
-                 f"runs with {key}={MEASUREMENT.get(key)}")
-        _require(key not in SIZE_CONFIG_KEYS, src, where, "model sizes are an axis of their own: use sizes:")
-        _require(key not in set_by_overrides, src, where, f"{key} is also set in overrides: remove one of them")
+    for axis in spec.grid:
+        sets = spec.grid_sets.get(axis)
+        keys = [(f"grid.{axis}.{name}.{k}", k) for name, s in sets.items() for k in s] if sets else \
+            [(f"grid.{axis}", axis)]
+        for where, key in keys:
+            _require(key not in PER_POINT, src, where, f"{key} is set per point by {PER_POINT.get(key)}")
+            _require(key not in MEASUREMENT, src, where,
+                     f"a scaling study measures held-out bits/dim in fp32 over the whole held-out split, so every "
+                     f"point runs with {key}={MEASUREMENT.get(key)}")
+            _require(key not in SIZE_CONFIG_KEYS, src, where, "model sizes are an axis of their own: use sizes:")
+            _require(key not in set_by_overrides, src, where, f"{key} is also set in overrides: remove one of them")
+            _require(key not in spec.grid or key == axis, src, where, f"{key} is also an axis of the grid")
     tags: dict[str, str] = {}
     for key, values in spec.grid.items():
         for v in values:
@@ -243,6 +282,7 @@ def _validate_grid(spec: StudySpec) -> None:
             _require(tag not in tags, src, f"grid.{key}", f"values {tags.get(tag)} and {v!r} give the same point name "
                                                           f"part {tag!r}")
             tags[tag] = repr(v)
+
 
 def _check_forced(overrides: list[str], source: str, where: str) -> None:
     for i, o in enumerate(overrides):

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-_FID_ONLY = {"num_samples": 50000, "guidance": [0.0], "attn_temp": [1.0], "annealed": False, "denoise": False,
+_FID_ONLY = {"num_samples": 50000, "guidance": [0.0], "attn_temp": [1.0], "annealed": False, "denoise": "off",
              "inception": None, "ref_stats": None, "seed": 0, "batch_size": 0, "precision": "auto",
              "max_redraws": 10, "save_samples": False, "no_bpd": False, "out": None, "split": "train",
              "classifier": None, "fid_convention": "paper"}
@@ -23,7 +23,9 @@ def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-temp", type=float, nargs="+", default=[1.0],
                    help="attention temperatures of the guidance branch (several: a sweep)")
     p.add_argument("--annealed", action="store_true", help="ramp the guidance weight over each block's steps")
-    p.add_argument("--denoise", action="store_true", help="one score-based denoising step after sampling")
+    p.add_argument("--denoise", nargs="?", const="on", default="off", choices=["on", "off", "both"],
+                   help="one score-based denoising step after sampling (--denoise: on; both: every setting with and "
+                        "without it, from the same draws)")
     p.add_argument("--fid-convention", default="paper", choices=["paper", "pytorch-fid"],
                    help="paper: torchmetrics/torch-fidelity fed as the official TarFlow code (truncation to uint8, "
                         "weights-inception-2015-12-05-6726825d.pth); pytorch-fid: the pytorch-fid package (rounding, "
@@ -171,8 +173,9 @@ def run_fid(args: argparse.Namespace) -> int:
                                  image_shape=(c.in_channels, c.img_size, c.img_size),
                                  where=f"--ref-stats {args.ref_stats}")
     classifier = _classifier(args, cfg, model, device) if "quality" in args.metric else None
-    sigma = denoise_std(cfg.train.noise, cfg.train.noise_std) if args.denoise else None
-    settings = sweep_settings(args.guidance, args.attn_temp, annealed=args.annealed, denoise_std=sigma)
+    sigma = denoise_std(cfg.train.noise, cfg.train.noise_std)
+    denoise = {"off": [None], "on": [sigma], "both": [None, sigma]}[args.denoise]
+    settings = sweep_settings(args.guidance, args.attn_temp, annealed=args.annealed, denoise_stds=denoise)
     notes += settings_notes(settings, c.conditional)
     out_dir = Path(args.out) if args.out else None
     if out_dir is None and (len(settings) > 1 or args.save_samples):

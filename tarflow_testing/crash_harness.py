@@ -32,9 +32,9 @@ class CrashReport:
     final_equal: bool = False
 
 
-def command(run_dir: Path, uri: str, steps: int, nproc: int, port: int) -> list[str]:
+def command(run_dir: Path, uri: str, steps: int, nproc: int, port: int, checkpoint_every: int = 1) -> list[str]:
     overrides = [*TINY, f"train.run_dir={run_dir}", f"checkpoint.uri={uri}", f"train.steps={steps}",
-                 "checkpoint.every=1", "checkpoint.keep=2", f"train.micro_batch={32 // nproc}"]
+                 f"checkpoint.every={checkpoint_every}", "checkpoint.keep=2", f"train.micro_batch={32 // nproc}"]
     if nproc == 1:
         return [sys.executable, "-m", "tarflow", "train", *overrides]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
@@ -57,16 +57,22 @@ def verify_all(uri: str) -> None:
 
 
 def run_with_kills(run_dir: Path, uri: str, steps: int, kills: int, nproc: int, seed: int,
-                   window: tuple[float, float] = (0.5, 4.0), free_port=None) -> CrashReport:
+                   window: tuple[float, float] = (0.5, 4.0), free_port=None, checkpoint_every: int = 1,
+                   before_last_attempt=None) -> CrashReport:
     """Start the run, kill -9 its whole process group after a random time once it is training, ``kills`` times;
     then let it finish. The caller points AWS_ENDPOINT_URL at an S3 endpoint (slowed down by a proxy so that a
-    kill lands mid-upload)."""
+    kill lands mid-upload). ``checkpoint_every``: 1 (a save in flight at almost any moment) for runs that are
+    killed; an uninterrupted reference run (``kills=0``) may save less often (its final checkpoint is what counts).
+    ``before_last_attempt``: called once the kills are done, before the attempt that runs to the end (e.g. to stop
+    slowing uploads down: no kill will land in that attempt)."""
     rng = random.Random(seed)
     report = CrashReport()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for attempt in range(kills + 1):
+        if attempt == kills and before_last_attempt is not None:
+            before_last_attempt()
         before = newest_complete(uri)
-        cmd = command(run_dir, uri, steps, nproc, free_port() if free_port else 29500 + attempt)
+        cmd = command(run_dir, uri, steps, nproc, free_port() if free_port else 29500 + attempt, checkpoint_every)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         if attempt == kills:  # the last attempt runs to the end

@@ -90,12 +90,13 @@ def test_the_conventions_quantise_and_resize_differently(networks):
     at = {k: (torch.full_like(level, float(k)) / 255) * 2 - 1 for k in (100, 101)}
     assert (paper_input(between) * 255).byte().unique().tolist() == [100]
     assert to_uint8(between).unique().tolist() == [101]
-    torch.testing.assert_close(paper.features(between), paper.features(at[100]), rtol=0, atol=0)
+    paper_between = paper.features(between)
+    torch.testing.assert_close(paper_between, paper.features(at[100]), rtol=0, atol=0)
     torch.testing.assert_close(pfid.features(between), pfid.features(at[101]), rtol=0, atol=0)
-    assert not torch.equal(paper.features(between), paper.features(at[101]))
+    assert not torch.equal(paper_between, paper.features(at[101]))
     # the same images, the same weights (the two layouts hold the same tensors here): other features, from the
     # resize (torch-fidelity's TF1-compatible bilinear vs F.interpolate) and the input scaling
-    x = digits(4)
+    x = digits(2)
     a, b = paper.features(x), pfid.features(x)
     assert a.shape == b.shape and not torch.allclose(a, b, rtol=1e-3, atol=1e-5)
 
@@ -132,12 +133,21 @@ def test_weights_resolution_for_each_convention(fid_weights, tmp_path, monkeypat
         load_fid_network(str(fid_weights), "clean-fid")
 
 
-def test_the_random_stand_in_is_the_librarys_network_with_random_weights():
+def test_the_random_stand_in_is_a_small_seeded_network_with_each_conventions_quantisation():
+    x = digits(4)
     for convention in (PAPER, PYTORCH_FID):
         a, b = load_fid_network("tiny-random:1", convention), load_fid_network("tiny-random:2", convention)
-        assert "NOT the FID Inception" in a.identity and a.convention == convention
-        x = digits(2)
-        torch.testing.assert_close(load_fid_network("tiny-random:1", convention).features(x), a.features(x))
-        assert not torch.equal(a.features(x), b.features(x))
+        assert "NOT the FID Inception" in a.identity and a.convention == convention and a.feature_dim == 64
+        fa = a.features(x)
+        assert fa.shape == (4, 64) and fa.std(0).min() > 0  # features vary with the image
+        torch.testing.assert_close(load_fid_network("tiny-random:1", convention).features(x), fa)
+        assert not torch.equal(fa, b.features(x))
+        assert a.stats_state() == {}  # its statistics files carry no network weights
+    # a value 70% of the way from level 100 to 101: the paper convention truncates to 100, pytorch-fid rounds to 101
+    level = lambda k: torch.full((1, 1, 8, 8), 2 * k / 255 - 1)  # noqa: E731
+    paper, pytorch_fid = load_fid_network("tiny-random:1", PAPER), load_fid_network("tiny-random:1", PYTORCH_FID)
+    torch.testing.assert_close(paper.features(level(100.7)), paper.features(level(100)))
+    torch.testing.assert_close(pytorch_fid.features(level(100.7)), pytorch_fid.features(level(101)))
+    assert not torch.equal(paper.features(level(100.7)), pytorch_fid.features(level(100.7)))
     with pytest.raises(InceptionWeightsError, match="expected tiny-random or tiny-random:SEED"):
         load_fid_network("tiny-random:x")

@@ -13,6 +13,7 @@ import boto3
 import pytest
 import torch
 
+from tarflow.main import main
 from tarflow_testing.checkpoint_helpers import model_state, steps
 from tarflow_testing.runs import REPO, TINY, free_port
 from trainer.checkpoint import CheckpointError
@@ -70,7 +71,7 @@ def test_resume_from_s3_reproduces_the_uninterrupted_run(tmp_path, s3_bucket, st
     assert losses(tmp_path / "crashed") == after  # steps 9-12 only, each with the uninterrupted run's loss
 
 
-def test_fsdp_checkpoints_reshard_between_two_ranks_and_one(tmp_path, s3_bucket):
+def test_fsdp_checkpoints_reshard_between_two_ranks_and_one(tmp_path, s3_bucket, capsys):
     """2 → 1 and 1 → 2: the resumed model is the saved one (its held-out bits/dim equals a one-process evaluation
     of the checkpoint), and training goes on from there."""
     for saved, resumed in ((2, 1), (1, 2)):
@@ -83,9 +84,10 @@ def test_fsdp_checkpoints_reshard_between_two_ranks_and_one(tmp_path, s3_bucket)
                   "train.steps=8", nproc=resumed)
         assert "resumed from step 8" in out.stdout and f"checkpoint has RNG states of {saved} ranks" in out.stdout
         summary = json.loads((tmp_path / f"w{saved}to{resumed}" / "summary.json").read_text())
-        single = subprocess.run([sys.executable, "-m", "tarflow", "eval", f"{uri}/step-00000008", "--device",
-                                 "cpu"], cwd=REPO, capture_output=True, text=True, check=True)
-        report = json.loads(single.stdout.strip().splitlines()[-1])
+        capsys.readouterr()
+        # (`tarflow eval` in this process: a subprocess would only add its start-up)
+        assert main(["eval", f"{uri}/step-00000008", "--device", "cpu"]) == 0, capsys.readouterr().err
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         # One rank draws the same dequantisation noise as the one-process evaluation; two ranks draw their own.
         assert summary["final_bits_per_dim"] == pytest.approx(report["bits_per_dim"], rel=1e-9 if resumed == 1
                                                               else 1e-4)

@@ -121,7 +121,8 @@ def test_grid_values_and_fid_round_trip_through_csv_and_old_files_still_read(tmp
     write_csv(results, tmp_path / "results.csv")
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert header[header.index("fid"):] == ["fid", "fid_network", "class_accuracy", "classifier_fd", "precision",
-                                            "recall", "train.noise_std"]
+                                            "recall", "fid_raw", "class_accuracy_raw", "classifier_fd_raw",
+                                            "precision_raw", "recall_raw", "train.noise_std"]
     assert read_csv(tmp_path / "results.csv") == results
     # results.csv written before FID and grids existed
     old = tmp_path / "old.csv"
@@ -152,12 +153,13 @@ def test_per_grid_value_means_with_the_seed_spread_and_the_plumbing_mark():
 
 
 # ---------------------------------------------------------------- end to end: a tiny noise study with FID
+# (18 held-out digits: the FID reference goes through the full-size Inception, ~0.3 s per image on this CPU)
 TINY = """
 name: tiny_noise
 config: {config}
 overrides: [train.noise=gaussian, train.global_batch=32, train.micro_batch=32, eval.at_start=false, eval.every=0,
             sample.num=1, sample.denoise=false, logging.every=5, model.num_blocks=2, model.layers_per_block=1,
-            model.head_dim=8, data.heldout_fraction=0.03]
+            model.head_dim=8, data.heldout_fraction=0.01]
 warmup_fraction: 0.2
 sizes: [{{name: xs, channels: 8}}]
 budgets: [{{steps: 6}}]
@@ -221,21 +223,31 @@ def test_missing_inception_weights_fail_the_study_before_anything_trains(tmp_pat
 
 
 def test_a_study_can_ask_for_the_offline_classifier_metrics_per_point(tmp_path, capsys):
-    """`fid: {metric: quality}`: no Inception weights; the classifier is trained once into the study directory."""
+    """`fid: {metric: quality}`: no Inception weights; the classifier is trained once into the study directory.
+    `denoise: both`: the same draws scored with and without the denoising step."""
     path = tmp_path / "q.yaml"
     path.write_text(TINY.format(config=DIGITS).replace("[0.05, 0.5]", "[0.05]").replace(
         'num_samples: 4, inception: "tiny-random", split: heldout, batch_size: 4',
-        "metric: quality, num_samples: 10, batch_size: 10"))
+        "metric: quality, num_samples: 10, batch_size: 10, denoise: both"))
     argv = ["scale", "run", str(path), "--dir", str(tmp_path / "study"), "--no-fit"]
     assert main(argv) == 0
     (r,) = read_csv(tmp_path / "study" / "results.csv")
     assert r.ok and r.fid is None and r.error == "" and r.classifier_fd > 0
     assert 0 <= r.class_accuracy <= 1 and 0 <= r.precision <= 1 and 0 <= r.recall <= 1
+    assert r.classifier_fd_raw > 0 and r.classifier_fd_raw != r.classifier_fd and r.fid_raw is None
+    rows = json.loads((tmp_path / "study" / "points" / r.name / "fid" / "results.json").read_text())["results"]
+    assert [row["denoise"] for row in rows] == [False, True]
+    assert (r.classifier_fd_raw, r.classifier_fd) == (rows[0]["classifier_fd"], rows[1]["classifier_fd"])
     assert len(list((tmp_path / "study" / "fid").glob("classifier-digits-*.pt"))) == 1
     request = json.loads((tmp_path / "study" / "points" / r.name / "fid" / "request.json").read_text())
     assert request["argv"][1:3] == ["--metric", "quality"] and "--classifier" in request["argv"]
     assert "--inception" not in request["argv"] and request["classifier_sha1"]
-    assert f"[{r.name}] class accuracy " in capsys.readouterr().out
+    assert request["argv"][request["argv"].index("--denoise") + 1] == "both"
+    out = capsys.readouterr().out
+    assert f"[{r.name}] class accuracy " in out and "; without the denoising step: class accuracy " in out
+    assert main(["scale", "report", str(tmp_path / "study")]) == 0
+    report = capsys.readouterr().out
+    assert "cls FD" in report and "cls FD (no denoise)" in report
     assert main(argv) == 0  # again: nothing to train or evaluate
     out = capsys.readouterr().out
     assert "] attempt " not in out and "] class accuracy " not in out and "classifier of the" not in out

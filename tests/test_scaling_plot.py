@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from scaling.fit import Points, compute_frontier, fit_scaling_law
-from scaling.plot import law_label, plot_fit, plot_frontier
+from scaling.plot import grid_panels, law_label, plot_fit, plot_frontier, plot_grid
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,21 @@ def test_plot_frontier_png(tmp_path, compute_points):
     assert_png(plot_frontier(compute_points, frontier, fit, tmp_path / "frontier.png"), (960, 720))
     assert_png(plot_frontier(compute_points, frontier, None, tmp_path / "frontier_nofit.png", dpi=100),
                (640, 480))
+
+
+def test_plot_grid_draws_a_panel_per_sample_metric(tmp_path):
+    from scaling.results import PointResult, grid_summary
+
+    def scored(noise, seed, acc):
+        return PointResult(name=f"{noise}-s{seed}", params_total=8000, params_no_embed=7000, train_flops=1e9,
+                           train_steps=10, images_seen=1280, seed=seed, bits_per_dim=5.0 + seed, wall_seconds=1.0,
+                           class_accuracy=acc, class_accuracy_raw=acc / 2, classifier_fd=1 / acc,
+                           classifier_fd_raw=2 / acc, grid={"noise": noise})
+
+    rows = grid_summary([scored(n, s, 0.2 + 0.1 * i + 0.01 * s) for i, n in enumerate(["uniform", "sigma0.1"])
+                         for s in (0, 1)])
+    assert [f for f, _ in grid_panels(rows)] == ["bits_per_dim", "class_accuracy", "classifier_fd"]
+    assert [f for f, _ in grid_panels(grid_summary([PointResult(
+        name="a", params_total=1, params_no_embed=1, train_flops=1.0, train_steps=1, images_seen=1, seed=0,
+        bits_per_dim=5.0, wall_seconds=1.0, grid={"noise": "uniform"})]))] == ["bits_per_dim"]
+    assert_png(plot_grid(rows, "noise", tmp_path / "grid.png", figsize=(9, 3), dpi=100), (900, 300))

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from scaling.fit import fit_scaling_law
-from scaling.results import PointResult, format_table, markdown_table, read_csv, to_points, write_csv
+from scaling.results import (
+    PointResult,
+    format_grid_summary,
+    format_table,
+    grid_summary,
+    markdown_table,
+    read_csv,
+    to_points,
+    write_csv,
+)
 
 
 def point(name, params, flops, seed, bpd, *, status="ok", error="", attempts=1) -> PointResult:
@@ -98,3 +107,29 @@ def test_failed_points_excluded_from_fits():
     assert set(compute.x.tolist()) == {1e11, 1e12} and compute.size is not None
     with pytest.raises(ValueError, match="numeric field"):
         to_points(results, x="status")
+
+
+# ---------------------------------------------------------------- sample metrics, with and without denoising
+def _scored(seed, noise, acc, acc_raw, fd, fd_raw) -> PointResult:
+    return PointResult(name=f"c8-{noise}-s{seed}", params_total=8000, params_no_embed=7000, train_flops=1e9,
+                       train_steps=10, images_seen=1280, seed=seed, bits_per_dim=5.0 + seed, wall_seconds=1.0,
+                       class_accuracy=acc, class_accuracy_raw=acc_raw, classifier_fd=fd, classifier_fd_raw=fd_raw,
+                       precision=0.5, recall=0.25, precision_raw=0.4, recall_raw=0.2, grid={"noise": noise})
+
+
+def test_classifier_metrics_with_and_without_denoising_reach_the_tables_and_the_per_set_means(tmp_path):
+    results = [_scored(0, "uniform", 0.30, 0.20, 10.0, 14.0), _scored(1, "uniform", 0.40, 0.30, 12.0, 18.0),
+               _scored(0, "sigma0.1", 0.5, 0.1, 5.0, 50.0)]
+    write_csv(results, tmp_path / "r.csv")
+    assert read_csv(tmp_path / "r.csv") == results  # a named-set axis ("noise") round-trips as a grid column
+    table = markdown_table(results)
+    assert ("| noise | seed | bits/dim | class acc | cls FD | precision | recall | class acc (no denoise) | "
+            "cls FD (no denoise) | precision (no denoise) | recall (no denoise) |") in table
+    assert "| 0.300 | 10 | 0.500 | 0.250 | 0.200 | 14 | 0.400 | 0.200 |" in table
+    rows = {r.grid["noise"]: r for r in grid_summary(results)}
+    assert rows["uniform"].metric("class_accuracy") == (pytest.approx(0.35), pytest.approx(0.0707107), 2)
+    assert rows["uniform"].metric("classifier_fd_raw")[0] == pytest.approx(16.0)
+    assert rows["sigma0.1"].metric("class_accuracy_raw") == (pytest.approx(0.1), None, 1)
+    summary = format_grid_summary(results, markdown=True)
+    assert "| uniform | 2 | 5.5000 ± 0.7071 | 5.0000 | 6.0000 | 0.350 ± 0.071 | 11 ± 1.414 |" in summary
+    assert rows["uniform"].fid is None and "FID" not in table  # no FID asked for: no FID column

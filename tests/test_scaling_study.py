@@ -127,6 +127,8 @@ def test_a_study_file_loads_and_its_config_is_found_from_the_working_directory(t
     ({"overrides": ["lr"]}, "overrides[0]: must look like key=value"),
     ({"fit": {"x": "flops"}}, "fit.x: must be one of params_no_embed, params_total"),
     ({"config": "nope/missing.yaml"}, "config: nope/missing.yaml not found"),
+    ({"fid": {"metric": "quality", "denoise": "sometimes"}},
+     "fid.denoise: must be true, false or both, got 'sometimes'"),
 ])
 def test_spec_errors_name_the_key(change, message, tmp_path):
     with pytest.raises(StudyError) as e:
@@ -141,3 +143,42 @@ def test_missing_sizes_and_bad_base_overrides_are_clear(tmp_path):
         plan_study(study_from_dict(spec(overrides=["optim.lrr=1"])), tmp_path)
     with pytest.raises(StudyError, match="does not exist"):
         load_study(tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------- an axis of named sets
+NOISE_SETS = [{"name": "uniform", "train.noise": "uniform"},
+              {"name": "sigma0.05", "train.noise": "gaussian", "train.noise_std": 0.05}]
+
+
+def test_an_axis_of_named_sets_moves_its_keys_together(tmp_path):
+    s = study_from_dict(spec(sizes=[{"name": "c16", "channels": 16, "head_dim": 16}], grid={"noise": NOISE_SETS},
+                             seeds=[0]))
+    points = plan_study(s, tmp_path)
+    assert sorted(p.name for p in points) == ["c16-steps1000-sigma0.05-s0", "c16-steps1000-uniform-s0"]
+    by_set = {p.grid["noise"]: p for p in points}
+    uniform = load_config(by_set["uniform"].argv[0], by_set["uniform"].argv[1:])
+    gaussian = load_config(by_set["sigma0.05"].argv[0], by_set["sigma0.05"].argv[1:])
+    assert (uniform.train.noise, gaussian.train.noise, gaussian.train.noise_std) == ("uniform", "gaussian", 0.05)
+    # the study sets train.noise through the grid, so the driver adds no default noise of its own
+    assert sum(a.startswith("train.noise=") for a in by_set["uniform"].argv) == 1
+    # a named set is an axis like any other: crossed with a plain grid key
+    s = study_from_dict(spec(sizes=[{"name": "c16", "channels": 16, "head_dim": 16}], seeds=[0],
+                             grid={"noise": NOISE_SETS, "optim.lr": [1e-3, 2e-3]}))
+    assert len(plan_study(s, tmp_path / "b")) == 4
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"noise": [{"train.noise": "uniform"}]}, "grid.noise[0].name: give each set a name"),
+    ({"noise": [{"name": "a", "train.noise": "uniform"}, {"name": "a", "train.seed": 1}]},
+     "grid.noise[1].name: 'a' names two sets"),
+    ({"noise": [{"name": "a"}]}, "grid.noise[0] (a): give at least one config key"),
+    ({"noise": [{"name": "a", "noise": "uniform"}]}, "grid.noise[0].noise: give the full config key"),
+    ({"noise": [{"name": "a", "train.steps": 5}]}, "grid.noise.a.train.steps: train.steps is set per point"),
+    ({"noise": [{"name": "a", "train.noise_sd": 0.1}]}, "grid.noise: 'a': unknown config key 'train.noise_sd'"),
+    ({"noise": ["uniform"]}, "grid.noise: give the full config key (section.key), e.g. train.noise, or a list of "
+                             "named sets"),
+])
+def test_named_set_errors_name_the_set_and_key(grid, message, tmp_path):
+    with pytest.raises(StudyError) as e:
+        plan_study(study_from_dict(spec(grid=grid), source="s.yaml"), tmp_path)
+    assert message in str(e.value), str(e.value)

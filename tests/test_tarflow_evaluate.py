@@ -14,13 +14,19 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from data_pipeline import build_loader
 from tarflow.main import main
-from tarflow_testing.evaluation import SMALL_HELDOUT, checkpoint_and_reference, export, perturbed_model
+from tarflow_testing.evaluation import (
+    SMALL_HELDOUT,
+    checkpoint_and_reference,
+    export,
+    perturbed_model,
+    random_weight_files,
+)
 from trainer.evaluation.fid import FeatureStats, load_stats, save_stats
 from trainer.evaluation.inception import WEIGHTS, official_resize
 from trainer.evaluation.reference import data_config_for
 
 REPO = Path(__file__).resolve().parents[1]
-OTHER_HELDOUT = [*SMALL_HELDOUT, "data.split_seed=1"]  # another 18 digits
+OTHER_HELDOUT = [*SMALL_HELDOUT, "data.split_seed=1"]  # another 9 digits
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +72,7 @@ def test_two_ranks_equal_torchmetrics_single_process_fid(files, two_ranks):
     """Each rank feeds half of each set and the float64 sums are all-reduced; torchmetrics' FrechetInceptionDistance
     in one process, fed as evaluate_fid.py feeds it, on the same images: the same FID."""
     a, b = load_stats(two_ranks / "a.pth"), load_stats(two_ranks / "b.pth")
-    assert a.n == b.n == 18 and a.meta["ranks"] == 2 and a.convention == b.convention == "paper"
+    assert a.n == b.n == 9 and a.meta["ranks"] == 2 and a.convention == b.convention == "paper"
     metric = FrechetInceptionDistance(normalize=True, **official_resize(), feature_extractor_weights_path=str(
         Path(files["weights"]) / WEIGHTS["paper"].name))
     for data, real in ((SMALL_HELDOUT, True), (OTHER_HELDOUT, False)):
@@ -83,13 +89,13 @@ def test_two_ranks_accumulate_the_same_statistics_as_one_process(files, two_rank
     """pytorch-fid convention: each rank reads half of the held-out digits; one process's statistics."""
     assert main(stats_args(files, tmp_path / "one.npz", "pytorch-fid")) == 0
     two, one = load_stats(two_ranks / "a.npz"), load_stats(tmp_path / "one.npz")
-    assert two.n == one.n == 18
+    assert two.n == one.n == 9
     assert two.meta["ranks"] == 2 and one.meta["ranks"] == 1 and one.convention == "pytorch-fid"
     assert two.meta["network"] == one.meta["network"] and two.meta["image_shape"] == [1, 8, 8]
     # the same images, in other batches (float32 convolutions) and another summation order: equal up to rounding
     assert np.linalg.norm(two.mu - one.mu) <= 1e-5 * np.linalg.norm(one.mu)
     assert np.linalg.norm(two.sigma - one.sigma) <= 1e-5 * np.linalg.norm(one.sigma)
-    assert one.meta["dataset"] == {"format": "embedded", "source": "digits", "heldout_fraction": 0.01,
+    assert one.meta["dataset"] == {"format": "embedded", "source": "digits", "heldout_fraction": 0.005,
                                    "split_seed": 0, "resize": 0, "crop": 0}
     assert "pytorch-fid" in one.meta["preprocessing"] and "round" in one.meta["preprocessing"]
     assert "(x*255).byte()" in load_stats(two_ranks / "a.pth").meta["preprocessing"]
@@ -106,17 +112,18 @@ def test_fid_on_two_ranks_equals_one_process(files, two_ranks, tmp_path, capsys)
     assert a["num_samples"] == b["num_samples"] == 6 and a["nan_redraws"] == b["nan_redraws"]
     assert b["sample_bits_per_dim"] == pytest.approx(a["sample_bits_per_dim"], rel=1e-3)
     assert b["heldout_bits_per_dim"] == pytest.approx(a["heldout_bits_per_dim"], rel=1e-3)
-    d1, d2 = np.load(tmp_path / "one" / "draws_g1.5_t1.npz"), np.load(two_ranks / "two_fid" / "draws_g1.5_t1.npz")
+    name = "g1.5_t1_denoised"  # the setting's files: guidance 1.5, attention temperature 1, the denoising step
+    d1, d2 = np.load(tmp_path / "one" / f"draws_{name}.npz"), np.load(two_ranks / "two_fid" / f"draws_{name}.npz")
     for key in ("index", "attempt", "seed"):
         np.testing.assert_array_equal(d1[key], d2[key])
     assert set(d2["index"].tolist()) == set(range(6))  # exactly the 6 samples, none twice
     assert len(set(d2["seed"].tolist())) == len(d2["seed"])  # no noise seed used twice on any rank
-    assert (two_ranks / "two_fid" / "preview_g1.5_t1.png").is_file()
-    assert load_stats(two_ranks / "two_fid" / "samples_g1.5_t1_stats.pth").n == 6
-    saved = np.load(tmp_path / "one" / "samples_g1.5_t1_rank00000.npz")
+    assert (two_ranks / "two_fid" / f"preview_{name}.png").is_file()
+    assert load_stats(two_ranks / "two_fid" / f"samples_{name}_stats.pth").n == 6
+    saved = np.load(tmp_path / "one" / f"samples_{name}_rank00000.npz")
     assert saved["images"].shape == (6, 1, 8, 8) and saved["images"].dtype == np.uint8
     assert saved["indices"].tolist() == list(range(6)) and saved["labels"].tolist() == list(range(6))
-    halves = [np.load(two_ranks / "two_fid" / f"samples_g1.5_t1_rank{r:05d}.npz") for r in (0, 1)]
+    halves = [np.load(two_ranks / "two_fid" / f"samples_{name}_rank{r:05d}.npz") for r in (0, 1)]
     assert sorted(i for h in halves for i in h["indices"].tolist()) == list(range(6))
 
 
@@ -132,7 +139,10 @@ def test_bad_inputs_are_clear_errors(files, tmp_path, capsys, monkeypatch):
     assert "FID Inception weights not found" in error(
         [*fid[:-4], "--inception", str(tmp_path / "missing.pth"), "--ref-stats", files["ref"]])
     # the reference file holds the Inception weights it was made with (as the official files do): checked
+    other = random_weight_files(tmp_path / "other-weights", seed=1)
     assert "were computed with other Inception weights" in error(
+        [*fid[:-4], "--inception", str(other), "--ref-stats", files["ref"], "--device", "cpu"])
+    assert "have 2048-d features but the Inception network gives 64-d ones" in error(
         [*fid[:-4], "--inception", "tiny-random:1", "--ref-stats", files["ref"], "--device", "cpu"])
     assert "are paper statistics but this evaluation uses the pytorch-fid convention" in error(
         [*fid, "--ref-stats", files["ref"], "--fid-convention", "pytorch-fid"])
@@ -169,7 +179,7 @@ def test_eval_stats_has_one_spelling_and_the_official_file_name(files, tmp_path,
     a = run_json(capsys, ["eval", "stats", "digits", *common, "--out", f"{tmp_path}/"])
     b = run_json(capsys, ["eval", "stats", "embedded:digits", *common, "--out", str(tmp_path / "b.pth")])
     assert a["out"] == str(tmp_path / "digits_8_fid_stats.pth") and a["convention"] == "paper"
-    assert a["n"] == b["n"] == 18
+    assert a["n"] == b["n"] == 9
     for key in ("feature_sum", "cov_sum"):
         np.testing.assert_array_equal(getattr(load_stats(a["out"]), key), getattr(load_stats(b["out"]), key))
     assert data_config_for("embedded:photos", []).source == "photos"

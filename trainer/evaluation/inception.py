@@ -19,15 +19,15 @@ In both, 1-channel images are repeated to 3 channels (what PIL's ``convert("RGB"
 Weights cannot be downloaded by this code: give the file (``--inception PATH``, ``eval.inception_weights``,
 ``$TARFLOW_INCEPTION_WEIGHTS``; a directory holding the convention's file name also works, so one directory can
 serve both conventions), or put it in torch hub's cache (``~/.cache/torch/hub/checkpoints/``), where each library
-downloads it to. ``tiny-random[:SEED]`` builds the library's network with random weights (scaled so that the
-features vary): plumbing only, never an FID; statistics it makes are marked so and cannot be mixed with real ones.
+downloads it to. ``tiny-random[:SEED]`` is a stand-in for plumbing (``TinyRandomNetwork``): the convention's
+quantisation, then a small fixed random projection — milliseconds instead of the Inception's ~0.3 s per image on a
+CPU, never an FID; statistics it makes are marked so and cannot be mixed with real ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -41,6 +41,7 @@ DEFAULT_CONVENTION = PAPER
 WEIGHTS_ENV = "TARFLOW_INCEPTION_WEIGHTS"
 TINY_PREFIX = "tiny-random"  # ``--inception tiny-random[:SEED]``: the plumbing stand-in, never for real numbers
 FEATURE_DIM = 2048
+TINY_FEATURE_DIM = 64  # the plumbing stand-in's features
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,34 @@ class PytorchFidNetwork(FIDNetwork):
         return self.net(x)[0].flatten(1)
 
 
+class TinyRandomNetwork(FIDNetwork):
+    """``tiny-random[:SEED]``: the plumbing stand-in of a convention. Its quantisation (paper: truncation, pytorch-fid:
+    rounding), grey → RGB, a bilinear resize to 16×16, then a fixed random projection (from ``seed``) through a tanh
+    to 64 features, which vary with the image. Exercises everything around the network (sampling plan, sums across
+    ranks, files, provenance checks) at no cost; never an FID."""
+
+    feature_dim = TINY_FEATURE_DIM
+    SIDE = 16
+
+    def __init__(self, convention: str, seed: int, device: torch.device | str = "cpu") -> None:
+        self.convention = convention
+        self.identity = f"{TINY_PREFIX}:{seed} ({convention} quantisation, a random projection; NOT the FID Inception)"
+        self.device = torch.device(device)
+        g = torch.Generator().manual_seed(seed)
+        d = 3 * self.SIDE ** 2
+        self.projection = (torch.randn(d, self.feature_dim, generator=g) * (3.0 / d) ** 0.5).to(self.device)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.convention == PAPER:
+            pixels = (paper_input(images) * 255).byte()
+        else:
+            pixels = to_uint8(_checked(images))
+        x = _rgb(pixels.to(self.device).float() / 127.5 - 1.0)
+        x = torch.nn.functional.interpolate(x, size=(self.SIDE, self.SIDE), mode="bilinear", align_corners=False)
+        return torch.tanh(x.flatten(1) @ self.projection)
+
+
 def official_resize() -> dict:
     """``FrechetInceptionDistance`` keywords for the resize of torchmetrics 1.6 (torch-fidelity's TF1-compatible
     bilinear), which the official code ran: ``antialias=False`` where the argument exists."""
@@ -220,45 +249,6 @@ def resolve_weights_path(cli: str | None = None, config: str | None = None, conv
         return str(cached)
     raise InceptionWeightsError(missing_weights_message(f"no --inception path, no {WEIGHTS_ENV}, nothing in "
                                                         f"{cached.parent}", convention))
-
-
-def random_state_dict(convention: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in the layout of ``convention``'s weights file: convolutions He-scaled, BatchNorm at unit
-    scale with small random shifts, so that pool3 features vary with the image (unscaled random weights make them
-    nearly constant). Deterministic in ``seed``."""
-    shapes = _layout(check_convention(convention))
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in shapes.items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.zeros((), dtype=torch.int64)
-        elif name.endswith("running_var") or (name.endswith("bn.weight")):
-            state[name] = torch.ones(shape)
-        elif name.endswith("running_mean"):
-            state[name] = torch.zeros(shape)
-        elif name.endswith("bn.bias") or name == "fc.bias":
-            state[name] = torch.randn(shape, generator=g) * 0.1
-        else:  # conv and fc weights
-            fan_in = int(torch.tensor(shape[1:]).prod())
-            state[name] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-    return state
-
-
-def _layout(convention: str) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the convention's weights file, from the library's own network (built unloaded)."""
-    if convention == PAPER:
-        from torch_fidelity import feature_extractor_inceptionv3 as tf
-
-        with mock.patch.object(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None), \
-                mock.patch.object(tf, "load_state_dict_from_url", lambda *a, **k: {}):
-            net = tf.FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)])
-    else:
-        from pytorch_fid import inception as pytorch_fid
-
-        with mock.patch.object(torch.nn.Module, "load_state_dict", lambda *a, **k: None), \
-                mock.patch.object(pytorch_fid, "load_state_dict_from_url", lambda *a, **k: {}):
-            net = pytorch_fid.fid_inception_v3()
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -289,14 +279,7 @@ def load_fid_network(path: str, convention: str = DEFAULT_CONVENTION,
         seed = path[len(TINY_PREFIX):].lstrip(":")
         if seed and not seed.isdigit():
             raise InceptionWeightsError(f"--inception {path!r}: expected {TINY_PREFIX} or {TINY_PREFIX}:SEED")
-        seed = int(seed or 0)
-        state = random_state_dict(convention, seed)
-        identity = f"{TINY_PREFIX}:{seed} ({convention} layout, random weights; NOT the FID Inception)"
-        if convention == PYTORCH_FID:
-            return PytorchFidNetwork(state, identity, device)
-        with tempfile.TemporaryDirectory() as tmp:  # torch-fidelity loads its weights from a file
-            torch.save(state, Path(tmp) / WEIGHTS[PAPER].name)
-            return PaperNetwork(str(Path(tmp) / WEIGHTS[PAPER].name), identity, device)
+        return TinyRandomNetwork(convention, int(seed or 0), device)
     file = Path(path).expanduser()
     if file.is_dir():
         file = file / WEIGHTS[convention].name

@@ -52,7 +52,7 @@ class SamplingSettings:
 
     @property
     def name(self) -> str:
-        return f"g{self.guidance:g}_t{self.attn_temp:g}"
+        return f"g{self.guidance:g}_t{self.attn_temp:g}" + ("_denoised" if self.denoise_std is not None else "")
 
     def reverse_kwargs(self) -> dict:
         """The keywords of ``TarFlow.reverse`` these settings set."""

@@ -54,8 +54,10 @@ PREVIEW = 64
 
 # ---------------------------------------------------------------- settings
 def sweep_settings(guidances: list[float], attn_temps: list[float], *, annealed: bool,
-                   denoise_std: float | None) -> list[SamplingSettings]:
-    """Every (guidance, attention temperature) pair, in the order given, duplicates removed."""
+                   denoise_stds: list[float | None]) -> list[SamplingSettings]:
+    """Every (guidance, attention temperature, denoising) combination, in the order given, duplicates removed.
+    ``denoise_stds``: the Tweedie step's σ, None for none; both (``[None, σ]``) evaluate the same draws (the noise of
+    sample i depends only on the seed, i and the attempt) with and without the step."""
     if not guidances or not attn_temps:
         raise ValueError("give at least one --guidance and one --attn-temp value")
     for g in guidances:
@@ -64,8 +66,8 @@ def sweep_settings(guidances: list[float], attn_temps: list[float], *, annealed:
     for t in attn_temps:
         if t <= 0 or not math.isfinite(t):
             raise ValueError(f"--attn-temp values must be finite and > 0, got {t}")
-    pairs = dict.fromkeys((float(g), float(t)) for g in guidances for t in attn_temps)
-    return [SamplingSettings(g, t, annealed, denoise_std) for g, t in pairs]
+    combos = dict.fromkeys((float(g), float(t), d) for g in guidances for t in attn_temps for d in denoise_stds)
+    return [SamplingSettings(g, t, annealed, d) for g, t, d in combos]
 
 
 def settings_notes(settings: list[SamplingSettings], conditional: bool) -> list[str]:
@@ -245,8 +247,15 @@ def plot_sweep(results: list[SettingResult], path: Path, title: str = "") -> Pat
 
     by_guidance = len({r.guidance for r in results}) > 1 or len({r.attn_temp for r in results}) == 1
     x_of = (lambda r: r.guidance) if by_guidance else (lambda r: r.attn_temp)
-    series_of = (lambda r: r.attn_temp) if by_guidance else (lambda r: r.guidance)
     series_name = "attn temp" if by_guidance else "guidance"
+    both = len({r.denoise for r in results}) > 1  # with and without the denoising step: a line each
+
+    def series_of(r: SettingResult) -> tuple:
+        return (r.attn_temp if by_guidance else r.guidance), (r.denoise if both else None)
+
+    def label_of(series: tuple) -> str:
+        return f"{series_name} {series[0]:g}" + (", denoised" if series[1] else "")
+
     quality = any(r.classifier_fd is not None for r in results)
     with_fid = any(r.fid is not None for r in results) or not quality
     panels = 1 + with_fid + 2 * quality
@@ -259,14 +268,14 @@ def plot_sweep(results: list[SettingResult], path: Path, title: str = "") -> Pat
         xs = [x_of(r) for r in rows]
         if ax_fid is not None:
             ax_fid.plot(xs, [np.nan if r.fid is None else r.fid for r in rows], "o-",
-                        label=f"{series_name} {value:g}")
+                        label=label_of(value))
         ax_bpd.plot(xs, [np.nan if r.sample_bits_per_dim is None else r.sample_bits_per_dim for r in rows], "o-",
-                    label=f"samples, {series_name} {value:g}")
+                    label=f"samples, {label_of(value)}")
         if quality:
-            axes[-2].plot(xs, [r.classifier_fd for r in rows], "o-", label=f"{series_name} {value:g}")
+            axes[-2].plot(xs, [r.classifier_fd for r in rows], "o-", label=label_of(value))
             for key, marker in (("class_accuracy", "o-"), ("precision", "s--"), ("recall", "^:")):
                 axes[-1].plot(xs, [np.nan if getattr(r, key) is None else getattr(r, key) for r in rows], marker,
-                             label=f"{key.replace('_', ' ')}, {series_name} {value:g}")
+                             label=f"{key.replace('_', ' ')}, {label_of(value)}")
     heldout = next((r.heldout_bits_per_dim for r in results if r.heldout_bits_per_dim is not None), None)
     if heldout is not None:
         ax_bpd.axhline(heldout, color="k", linestyle="--", label="held-out data")
