@@ -247,7 +247,7 @@ def _base(key: str) -> str:
 
 def metric_header(key: str, results: Sequence[PointResult]) -> str:
     name = fid_header(results) if _base(key) == "fid" else SAMPLE_METRICS[_base(key)][1]
-    return name + (" (no denoise)" if key.endswith(RAW) else "")
+    return name + (", no denoise" if key.endswith(RAW) else "")
 
 
 def format_metric(key: str, value: float | None) -> str:

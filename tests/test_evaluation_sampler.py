@@ -6,7 +6,7 @@ import torch
 from models import TarFlow, TarFlowConfig
 from tarflow_testing.evaluation import CPU, FP32, perturbed_model
 from trainer.evaluation.fid import FIDError
-from trainer.evaluation.inception import FIDNetwork
+from trainer.evaluation.inception import load_fid_network
 from trainer.evaluation.sampler import (
     SamplingSettings,
     check_num_samples,
@@ -62,16 +62,6 @@ def test_noise_and_labels_depend_only_on_the_global_index():
     torch.testing.assert_close(one[0].images[4:5], expected, rtol=1e-5, atol=1e-5)
 
 
-class PixelFeatures(FIDNetwork):
-    """A stand-in with the FID networks' interface (the full-size Inception costs ~0.3 s per image here): the redraw
-    count is the question, not the features."""
-
-    convention, identity, feature_dim = "pytorch-fid", "pixels (a test stand-in)", 64
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return images.flatten(1)[:, :64].float()
-
-
 class Flaky(TarFlow):
     """NaN wherever the first noise value exceeds 0.5 (about 31% of draws)."""
 
@@ -108,7 +98,7 @@ def test_nan_samples_are_redrawn_with_fresh_noise_and_counted():
         list(draw_samples(flaky, range(12), SamplingSettings(), base_seed=3, batch_size=6, device=CPU,
                           precision=FP32, max_redraws=0))
     # through the evaluation: the count is reported
-    result = evaluate_setting(flaky, PixelFeatures(), None, SamplingSettings(), num_samples=12,
+    result = evaluate_setting(flaky, load_fid_network("tiny-random"), None, SamplingSettings(), num_samples=12,
                               base_seed=3, batch_size=6, device=CPU, precision=FP32)
     assert result.nan_redraws == sum(attempts) and result.num_samples == 12 and result.fid is None
     assert result.stats.n == 12  # the 12 finite samples reached the network, no NaN among them

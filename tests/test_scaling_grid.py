@@ -247,7 +247,7 @@ def test_a_study_can_ask_for_the_offline_classifier_metrics_per_point(tmp_path, 
     assert f"[{r.name}] class accuracy " in out and "; without the denoising step: class accuracy " in out
     assert main(["scale", "report", str(tmp_path / "study")]) == 0
     report = capsys.readouterr().out
-    assert "cls FD" in report and "cls FD (no denoise)" in report
+    assert "cls FD" in report and "cls FD, no denoise" in report
     assert main(argv) == 0  # again: nothing to train or evaluate
     out = capsys.readouterr().out
     assert "] attempt " not in out and "] class accuracy " not in out and "classifier of the" not in out

@@ -123,8 +123,8 @@ def test_classifier_metrics_with_and_without_denoising_reach_the_tables_and_the_
     write_csv(results, tmp_path / "r.csv")
     assert read_csv(tmp_path / "r.csv") == results  # a named-set axis ("noise") round-trips as a grid column
     table = markdown_table(results)
-    assert ("| noise | seed | bits/dim | class acc | cls FD | precision | recall | class acc (no denoise) | "
-            "cls FD (no denoise) | precision (no denoise) | recall (no denoise) |") in table
+    assert ("| noise | seed | bits/dim | class acc | cls FD | precision | recall | class acc, no denoise | "
+            "cls FD, no denoise | precision, no denoise | recall, no denoise |") in table
     assert "| 0.300 | 10 | 0.500 | 0.250 | 0.200 | 14 | 0.400 | 0.200 |" in table
     rows = {r.grid["noise"]: r for r in grid_summary(results)}
     assert rows["uniform"].metric("class_accuracy") == (pytest.approx(0.35), pytest.approx(0.0707107), 2)
