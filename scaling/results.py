@@ -165,14 +165,22 @@ def read_csv(path: str | Path) -> list[PointResult]:
                 for row in reader]
 
 
-def _grid_order(grid: dict) -> tuple:
-    return tuple((0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v))
-                 for v in grid.values())
+def in_order(results: Iterable[PointResult]) -> list[PointResult]:
+    """By size, then budget (FLOPs; steps and images break ties between equal-FLOP budgets), grid values, then seed.
+    Numeric grid values in increasing order; other values (names, booleans) in the order the results first give them:
+    the study's plan, which lists them as the grid does."""
+    results = list(results)
+    seen: dict[tuple, int] = {}
+    for r in results:
+        for k, v in r.grid.items():
+            seen.setdefault((k, v), len(seen))
 
+    def key(r: PointResult) -> tuple:
+        grid = tuple((0, float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, seen[k, v])
+                     for k, v in r.grid.items())
+        return r.params_total, r.train_flops, r.train_steps, r.images_seen, grid, r.seed, r.name
 
-def sort_key(r: PointResult) -> tuple:
-    # By size, then budget (FLOPs; steps and images break ties between equal-FLOP budgets), grid values, then seed.
-    return (r.params_total, r.train_flops, r.train_steps, r.images_seen, _grid_order(r.grid), r.seed, r.name)
+    return sorted(results, key=key)
 
 
 def to_points(results: Iterable[PointResult], x: str = "params_total") -> Points:
@@ -269,7 +277,7 @@ def _rows(results: Sequence[PointResult]) -> list[tuple[str, ...]]:
     keys = grid_keys(results)
     metrics = sample_metrics(results)
     rows = []
-    for r in sorted(results, key=sort_key):
+    for r in in_order(results):
         bpd = f"{r.bits_per_dim:.4f}" if r.ok else "—"
         row = [r.name, format_count(r.params_total), format_count(r.params_no_embed), f"{r.train_flops:.3g}",
                str(r.train_steps), format_count(r.images_seen),
@@ -282,7 +290,7 @@ def _rows(results: Sequence[PointResult]) -> list[tuple[str, ...]]:
 
 def _failures(results: Sequence[PointResult]) -> list[str]:
     out = []
-    for r in sorted(results, key=sort_key):
+    for r in in_order(results):
         if r.status == "failed":
             out.append(f"{r.name}: failed after {r.attempts} attempt(s): {r.error.strip() or 'no message'}")
         elif r.error:
@@ -388,7 +396,7 @@ def grid_summary(results: Sequence[PointResult], size_of: dict[str, str] | None 
                  budget_of: dict[str, str] | None = None) -> list[GridRow]:
     """One row per (size, budget, grid values), in the results' order; seeds averaged."""
     groups: dict[tuple, list[PointResult]] = {}
-    for r in sorted(results, key=sort_key):
+    for r in in_order(results):
         size = (size_of or {}).get(r.name, format_count(r.params_total))
         budget = (budget_of or {}).get(r.name, f"steps{r.train_steps}")
         key = (size, r.params_total, budget, tuple(r.grid.items()))

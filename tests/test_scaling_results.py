@@ -126,6 +126,9 @@ def test_classifier_metrics_with_and_without_denoising_reach_the_tables_and_the_
     assert ("| noise | seed | bits/dim | class acc | cls FD | precision | recall | class acc, no denoise | "
             "cls FD, no denoise | precision, no denoise | recall, no denoise |") in table
     assert "| 0.300 | 10 | 0.500 | 0.250 | 0.200 | 14 | 0.400 | 0.200 |" in table
+    # names in the order the study gives them (uniform first), not alphabetically
+    assert [r.grid["noise"] for r in grid_summary(results)] == ["uniform", "sigma0.1"]
+    assert table.index("| c8-uniform-s1 |") < table.index("| c8-sigma0.1-s0 |")
     rows = {r.grid["noise"]: r for r in grid_summary(results)}
     assert rows["uniform"].metric("class_accuracy") == (pytest.approx(0.35), pytest.approx(0.0707107), 2)
     assert rows["uniform"].metric("classifier_fd_raw")[0] == pytest.approx(16.0)
