@@ -57,7 +57,8 @@ def sweep_settings(guidances: list[float], attn_temps: list[float], *, annealed:
                    denoise_stds: list[float | None]) -> list[SamplingSettings]:
     """Every (guidance, attention temperature, denoising) combination, in the order given, duplicates removed.
     ``denoise_stds``: the Tweedie step's σ, None for none; both (``[None, σ]``) evaluate the same draws (the noise of
-    sample i depends only on the seed, i and the attempt) with and without the step."""
+    sample i depends only on the seed, i and the attempt) with and without the step, except where the step itself
+    gives a non-finite sample, which is redrawn (and counted) in the denoised setting only."""
     if not guidances or not attn_temps:
         raise ValueError("give at least one --guidance and one --attn-temp value")
     for g in guidances:
