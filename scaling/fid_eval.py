@@ -282,17 +282,16 @@ def read_metrics(run_dir: str | Path) -> dict:
     return out
 
 
-def _evaluated(plan: FidPlan, run_dir) -> bool:
-    """Every metric the study asks for is in the point's results (without the step too, for ``both``)."""
+def _complete(plan: FidPlan, metrics: dict) -> bool:
+    """Every metric the study asks for is in ``read_metrics``' answer (without the step too, for ``both``)."""
     wanted = (["fid"] if plan.with_fid else []) + (["classifier_fd"] if plan.classifier else [])
     wanted += [k + RAW for k in wanted] if plan.spec.denoise == "both" else []
-    got = read_metrics(run_dir)
-    return all(got.get(k) is not None for k in wanted)
+    return all(metrics.get(k) is not None for k in wanted)
 
 
 def fid_current(plan: FidPlan, point) -> bool:
     argv = fid_argv(plan, point)
-    if argv is None or not _evaluated(plan, point.run_dir):
+    if argv is None or not _complete(plan, read_metrics(point.run_dir)):
         return False
     try:
         return json.loads((fid_dir(point.run_dir) / REQUEST_FILE).read_text()) == _request(plan, argv)
@@ -327,11 +326,11 @@ def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
             stop.child = None
     seconds = time.perf_counter() - t0
     st.fid_seconds = getattr(st, "fid_seconds", 0.0) + seconds
-    ok = False
+    m: dict = {}
     if rc == 0:
         atomic_write(out / REQUEST_FILE, json.dumps(_request(plan, argv), indent=2) + "\n")
-        ok = _evaluated(plan, point.run_dir)
-    if not ok:
+        m = read_metrics(point.run_dir)
+    if rc != 0 or not _complete(plan, m):
         (out / REQUEST_FILE).unlink(missing_ok=True)
         tail = last_lines(read_from(log_path, offset))
         st.fid_error = f"FID evaluation failed (exit {rc}): {error_line(tail)} (log: {log_path})"
@@ -339,7 +338,6 @@ def run_fid(plan: FidPlan, point, st, log: Log = print, stop=None) -> bool:
             log(f"[{point.name}] {st.fid_error}")
         return False
     st.fid_error = ""
-    m = read_metrics(point.run_dir)
     what = [_describe_metrics(plan, m)]
     if plan.spec.denoise == "both":
         what.append(f"without the denoising step: {_describe_metrics(plan, m, RAW)}")
