@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping
+from typing import Collection, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .config import TarFlowConfig
 from .flow_block import FlowBlock
+from .inversion import DEFAULT_INIT, DEFAULT_TOL, BlockStats, InversionSettings, invert_block
 
 VAR_EMA_RATE = 0.1  # the reference's VAR_LR for the volume-preserving prior
 
@@ -125,7 +126,11 @@ class TarFlow(nn.Module):
     @torch.no_grad()
     def reverse(self, noise: torch.Tensor, y: torch.Tensor | None = None, guidance: float = 0.0,
                 guide_what: str = "ab", attn_temp: float = 1.0, annealed_guidance: bool = False,
-                return_sequence: bool = False, y_minus1_as_last_class: bool = False):
+                return_sequence: bool = False, y_minus1_as_last_class: bool = False, *,
+                method: str | Sequence[str] = "sequential", tol: float = DEFAULT_TOL, max_iters: int | None = None,
+                window: int | None = None, module_size: int | None = None,
+                tough_blocks: Collection[int] | None = None, init: str | Sequence[str] = DEFAULT_INIT,
+                stats: list[BlockStats] | None = None):
         """Patch-layout noise (B, T, D) → images (B, C, S, S), inverting the blocks last to first.
 
         Guidance (``guidance > 0``): every parameter θ ∈ ``guide_what`` ("a" log-scale, "b" shift) becomes
@@ -136,7 +141,18 @@ class TarFlow(nn.Module):
         ``y_minus1_as_last_class`` reproduces the reference sampler, where label −1 selects the last class;
         by default −1 means "dropped" (mean class embedding), as in training. ``return_sequence`` returns the
         starting noise and the image after each inverted block (N + 1 images).
+
+        ``method`` inverts each block with the exact sequential sampler (the default), "jacobi" or "gs-jacobi",
+        or one of them per block (indexed like ``self.blocks``); ``tol``, ``max_iters``, ``window``,
+        ``module_size``, ``tough_blocks`` and ``init`` tune the parallel methods (``models.inversion
+        .InversionSettings``). With ``tol=0`` and the default ``max_iters`` (T-1 passes) they give the sequential
+        result up to floating-point differences between the chunked and one-token kernels; with ``tol > 0`` a
+        token is final once a pass moves it by <= tol. ``stats``, a list, receives one
+        ``BlockStats`` per block in inversion order (last block first).
         """
+        settings = InversionSettings(method=method, tol=tol, max_iters=max_iters, window=window,
+                                     module_size=module_size, tough_blocks=tough_blocks, init=init)
+        settings.check_blocks(len(self.blocks))
         self._check_latents(noise)
         B = noise.shape[0]
         self._check_labels(y, B)
@@ -153,8 +169,12 @@ class TarFlow(nn.Module):
 
         x = noise * self.var.sqrt()
         sequence = [self.unpatchify(x)] if return_sequence else None
-        for block in reversed(self.blocks):
-            x = block.reverse(x, block.decode_bias(y, guided), kv_cache, weights, q_scale)
+        for k in reversed(range(len(self.blocks))):
+            block = self.blocks[k]
+            x, block_stats = invert_block(block, k, x, block.decode_bias(y, guided), kv_cache, weights, q_scale,
+                                          settings)
+            if stats is not None:
+                stats.append(block_stats)
             if sequence is not None:
                 sequence.append(self.unpatchify(x))
         return sequence if sequence is not None else self.unpatchify(x)

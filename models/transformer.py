@@ -1,4 +1,5 @@
-"""Pre-norm causal transformer layer of a TarFlow block, with a training path and a KV-cached decode path.
+"""Pre-norm causal transformer layer of a TarFlow block, with a training path and KV-cached decode paths
+(one token per call for the sequential sampler, a chunk of tokens for the parallel ones).
 
 Module and parameter names match the reference implementation (``attention.qkv``, ``mlp.main.0`` ...), so that
 reference state dicts load by name.
@@ -56,6 +57,25 @@ class Attention(nn.Module):
                                              scale=self.head_dim ** -0.5)
         return self.proj(out.view(R, C))
 
+    def decode_chunk(self, h: torch.Tensor, kv: torch.Tensor, start: int,
+                     q_scale: torch.Tensor | None) -> torch.Tensor:
+        """``n`` tokens per row: ``h`` (R, n, C) holds positions ``start..start+n-1``; their k, v are written into
+        ``kv`` (2, R, H, L, d) slots ``start..start+n-1`` in place, and query ``start+i`` attends over slots
+        ``0..start+i`` (slots before ``start`` must already hold earlier tokens). ``q_scale`` as in ``decode``."""
+        R, n, C = h.shape
+        end = start + n
+        qkv = self.qkv(_layer_norm_fp32(self.norm, h)).view(R, n, 3, self.num_heads, self.head_dim)
+        kv[:, :, :, start:end] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
+        q = qkv[:, :, 0].transpose(1, 2)  # (R, H, n, d)
+        if q_scale is not None:
+            q = q * q_scale
+        # An explicit mask: SDPA's is_causal aligns the triangle top-left when queries and keys differ in length,
+        # which would hide from query i the keys start..start+i it must see.
+        mask = torch.ones(n, end, dtype=torch.bool, device=h.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q, kv[0, :, :, :end], kv[1, :, :, :end], attn_mask=mask,
+                                             scale=self.head_dim ** -0.5)
+        return self.proj(out.transpose(1, 2).reshape(R, n, C))
+
 
 class MLP(nn.Module):
     def __init__(self, channels: int, expansion: int):
@@ -85,4 +105,10 @@ class TransformerLayer(nn.Module):
 
     def decode(self, h: torch.Tensor, kv: torch.Tensor, pos: int, q_scale: torch.Tensor | None) -> torch.Tensor:
         h = h + self.attention.decode(h, kv, pos, q_scale)
+        return h + self.mlp(h)
+
+    def decode_chunk(self, h: torch.Tensor, kv: torch.Tensor, start: int,
+                     q_scale: torch.Tensor | None) -> torch.Tensor:
+        """``decode`` for ``n`` consecutive tokens per row at once: ``h`` (R, n, C) at positions start..start+n-1."""
+        h = h + self.attention.decode_chunk(h, kv, start, q_scale)
         return h + self.mlp(h)
