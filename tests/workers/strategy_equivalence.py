@@ -1,7 +1,9 @@
-"""Run under torchrun as ``strategy_equivalence.py STRATEGY OUT.json``: (rank 0) k optimizer steps in one process
-on the whole global batch, then the same steps with STRATEGY over all ranks, each on its part of every global batch.
-Writes both loss sequences, the largest parameter difference and, after training, the largest difference between
-sampling (and denoising) through the strategy's model and through an unsharded copy."""
+"""Run under torchrun as ``strategy_equivalence.py OUT_DIR STRATEGY [STRATEGY ...]``: for each strategy in turn,
+(rank 0) k optimizer steps in one process on the whole global batch, then the same steps with STRATEGY over all
+ranks, each on its part of every global batch. Writes ``OUT_DIR/STRATEGY.json``: both loss sequences, the largest
+parameter difference and, after training, the largest difference between sampling (and denoising) through the
+strategy's model and through an unsharded copy. Several strategies share one launch (and one process group)
+because starting the processes costs more than the steps."""
 
 import contextlib
 import json
@@ -55,65 +57,77 @@ def run(strategy, parts: int, part: int, checkpoint_every: int = 0, bf16: bool =
 
 
 def main() -> None:
-    name, out = sys.argv[1], Path(sys.argv[2])
-    name, _, every = name.partition("+ac")  # e.g. "fsdp+ac1": activation checkpointing of every layer
+    out_dir, names = Path(sys.argv[1]), sys.argv[2:]
+    env, device = discover(), torch.device("cpu")
+    references: dict[bool, tuple] = {}  # the one-process run depends only on bf16
+    with process_group(env, device):
+        for name in names:
+            compare(name, out_dir / f"{name}.json", env, device, references)
+
+
+def compare(strategy_name: str, out: Path, env, device, references: dict) -> None:
+    name, _, every = strategy_name.partition("+ac")  # e.g. "fsdp+ac1": activation checkpointing of every layer
     name, _, variant = name.partition(":")  # e.g. "fsdp:block", "fsdp:hybrid", "fsdp:bf16", "deepspeed:3,bf16"
     variants = set(variant.split(","))
-    env, device = discover(), torch.device("cpu")
-    with process_group(env, device):
-        bf16 = "bf16" in variants  # both runs under bf16 autocast; FSDP also keeps bf16 parameters for compute
-        if env.rank == 0:  # the one-process reference first: no rank may leave while another still computes
-            single = SingleDevice(device)
-            ref_losses, ref_params = run(single, 1, 0, bf16=bf16)
-            replica_bytes = training_state_bytes(single)
-        options = FSDPConfig(unit="block" if "block" in variants else "layer", hybrid="hybrid" in variants,
-                             reshard_after_forward="keep" not in variants)
-        ds_config = None
-        if name == "deepspeed":
-            cfg = Config()
-            cfg.train.global_batch, cfg.train.micro_batch = GLOBAL_BATCH, GLOBAL_BATCH // (env.world_size * MICRO_STEPS)
-            cfg.deepspeed.stage = int(next(v for v in variants if v.isdigit()))
-            ds_config = build_deepspeed_config(cfg, env.world_size, bf16=bf16)
-        strategy = build_strategy(name, device, torch.bfloat16 if bf16 else None, fsdp=options,
-                                  nodes=env.world_size // env.local_world_size, deepspeed_config=ds_config)
-        losses, _ = run(strategy, env.world_size, env.rank, int(every or 0), bf16=bf16)
-        held = torch.tensor([training_state_bytes(strategy)], dtype=torch.float64)
-        dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the fullest rank
-        mean = torch.tensor(losses, dtype=torch.float64)
-        dist.all_reduce(mean)
-        losses = (mean / env.world_size).tolist()
-        full = strategy.full_model_state_dict()  # collective for sharded strategies; full on rank 0
+    bf16 = "bf16" in variants  # both runs under bf16 autocast; FSDP also keeps bf16 parameters for compute
+    if env.rank == 0 and bf16 not in references:
+        # the one-process reference first: no rank may leave while another still computes
+        single = SingleDevice(device)
+        ref_losses, ref_params = run(single, 1, 0, bf16=bf16)
+        references[bf16] = ref_losses, ref_params, training_state_bytes(single)
+    if env.rank == 0:
+        ref_losses, ref_params, replica_bytes = references[bf16]
+    options = FSDPConfig(unit="block" if "block" in variants else "layer", hybrid="hybrid" in variants,
+                         reshard_after_forward="keep" not in variants)
+    ds_config = None
+    if name == "deepspeed":
+        cfg = Config()
+        cfg.train.global_batch, cfg.train.micro_batch = GLOBAL_BATCH, GLOBAL_BATCH // (env.world_size * MICRO_STEPS)
+        cfg.deepspeed.stage = int(next(v for v in variants if v.isdigit()))
+        ds_config = build_deepspeed_config(cfg, env.world_size, bf16=bf16)
+    strategy = build_strategy(name, device, torch.bfloat16 if bf16 else None, fsdp=options,
+                              nodes=env.world_size // env.local_world_size, deepspeed_config=ds_config)
+    losses, _ = run(strategy, env.world_size, env.rank, int(every or 0), bf16=bf16)
+    held = torch.tensor([training_state_bytes(strategy)], dtype=torch.float64)
+    dist.all_reduce(held, op=dist.ReduceOp.MAX)  # the fullest rank
+    mean = torch.tensor(losses, dtype=torch.float64)
+    dist.all_reduce(mean)
+    losses = (mean / env.world_size).tolist()
+    full = strategy.full_model_state_dict()  # collective for sharded strategies; full on rank 0
 
-        # Sampling and denoising through the strategy's model (every rank, same noise) vs an unsharded copy.
-        noise = torch.randn(3, CONFIG.num_patches, CONFIG.patch_dim, generator=torch.Generator().manual_seed(5))
-        labels = torch.tensor([1, -1, 7])
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-        with strategy.inference() as model, autocast:  # denoise between two samplings, as the trainer does
-            model.denoise(model.reverse(noise, labels, guidance=0.0), labels, noise_std=0.05)
-            sampled = model.reverse(noise, labels, guidance=1.0)
-            denoised = model.denoise(sampled, labels, noise_std=0.05)
-        if env.rank == 0:
-            plain = TarFlow(CONFIG)
-            plain.load_state_dict(full)
-            rels = {k: ((full[k] - ref_params[k]).abs().max() / ref_params[k].abs().max().clamp_min(1e-12)).item()
-                    for k in full}
-            worst = max(rels, key=rels.get)
-            print(f"largest relative parameter difference: {worst} {rels[worst]:.3g}")
-            rel = rels[worst]
-            abs_diff = max((full[k] - ref_params[k]).abs().max().item() for k in full)
-            params = dict(plain.named_parameters())
-            diffs = torch.cat([(full[k] - ref_params[k]).abs().flatten() for k in full if k in params])
-            far = (diffs > 0.1 * sum(LRS)).float().mean().item()  # elements whose AdamW path departed noticeably
-            with autocast:
-                plain_sampled = plain.reverse(noise, labels, guidance=1.0)
-                plain_denoised = plain.denoise(sampled, labels, noise_std=0.05)
-            out.write_text(json.dumps({
-                "strategy": losses, "single": ref_losses, "max_rel_param": rel, "max_abs_param": abs_diff,
-                "far_fraction": far, "lr_sum": sum(LRS),
-                "state_bytes": held.item(), "replica_bytes": replica_bytes,
-                "sample_diff": (sampled - plain_sampled).abs().max().item(),
-                "denoise_diff": (denoised - plain_denoised).abs().max().item()}))
-        dist.barrier()
+    # Sampling and denoising through the strategy's model (every rank, same noise) vs an unsharded copy.
+    noise = torch.randn(3, CONFIG.num_patches, CONFIG.patch_dim, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([1, -1, 7])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with strategy.inference() as model, autocast:  # denoise between two samplings, as the trainer does
+        model.denoise(model.reverse(noise, labels, guidance=0.0), labels, noise_std=0.05)
+        sampled = model.reverse(noise, labels, guidance=1.0)
+        denoised = model.denoise(sampled, labels, noise_std=0.05)
+        # the parallel inverse through the same (sharded) model: tol=0 iterates until exact
+        jacobi = model.reverse(noise, labels, guidance=1.0, method="jacobi", tol=0.0)
+    if env.rank == 0:
+        plain = TarFlow(CONFIG)
+        plain.load_state_dict(full)
+        rels = {k: ((full[k] - ref_params[k]).abs().max() / ref_params[k].abs().max().clamp_min(1e-12)).item()
+                for k in full}
+        worst = max(rels, key=rels.get)
+        print(f"largest relative parameter difference: {worst} {rels[worst]:.3g}")
+        rel = rels[worst]
+        abs_diff = max((full[k] - ref_params[k]).abs().max().item() for k in full)
+        params = dict(plain.named_parameters())
+        diffs = torch.cat([(full[k] - ref_params[k]).abs().flatten() for k in full if k in params])
+        far = (diffs > 0.1 * sum(LRS)).float().mean().item()  # elements whose AdamW path departed noticeably
+        with autocast:
+            plain_sampled = plain.reverse(noise, labels, guidance=1.0)
+            plain_denoised = plain.denoise(sampled, labels, noise_std=0.05)
+        out.write_text(json.dumps({
+            "strategy": losses, "single": ref_losses, "max_rel_param": rel, "max_abs_param": abs_diff,
+            "far_fraction": far, "lr_sum": sum(LRS),
+            "state_bytes": held.item(), "replica_bytes": replica_bytes,
+            "sample_diff": (sampled - plain_sampled).abs().max().item(),
+            "denoise_diff": (denoised - plain_denoised).abs().max().item(),
+            "jacobi_diff": (jacobi - plain_sampled).abs().max().item()}))
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ def require_deepspeed():
         raise ImportError(f"train.strategy=deepspeed needs the deepspeed package ({e}); install it with "
                           f"`pip install -e \".[deepspeed]\"` (DS_BUILD_OPS=0: no ops need prebuilding), or choose "
                           f"train.strategy=fsdp") from None
+    # On the CPU accelerator DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce when it starts (about
+    # a minute of C++ on every fresh install), used only by its inference all-reduce; training reduces through
+    # torch.distributed. Marking the op unavailable lets the backend start without it.
+    if deepspeed.get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 
