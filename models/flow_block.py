@@ -100,9 +100,16 @@ class FlowBlock(nn.Module):
         with g = 0 for the halves not guided. ``q_scale``: per-row attention temperature for the decode path.
         """
         x = self.permute(z).clone()
+        self.decode_from(x, 0, rows_bias, kv_cache, guidance_weights, q_scale)
+        return self.permute(x)
+
+    def decode_from(self, x: torch.Tensor, start: int, rows_bias: torch.Tensor, kv_cache: torch.Tensor,
+                    guidance_weights: torch.Tensor | None, q_scale: torch.Tensor | None) -> None:
+        """In place, in block order: tokens ``start+1..T-1`` of ``x`` one at a time from the tokens before them.
+        Cache slots ``< start`` must hold tokens ``< start`` (a parallel inverter hands over mid-block this way)."""
         B, T, _ = x.shape
         G = rows_bias.shape[0]
-        for i in range(T - 1):
+        for i in range(start, T - 1):
             h = (self.proj_in(x[:, i]) + rows_bias[:, :, i]).view(G * B, -1)
             for layer_idx, layer in enumerate(self.attn_blocks):
                 h = layer.decode(h, kv_cache[layer_idx], i, q_scale)
@@ -117,4 +124,3 @@ class FlowBlock(nn.Module):
                 x[:, i + 1] += b
             else:
                 torch.addcmul(b, x[:, i + 1], torch.exp(at_least_fp32(a)).to(a.dtype), out=x[:, i + 1])
-        return self.permute(x)

@@ -17,9 +17,10 @@ from typing import Callable
 import torch
 
 from .flow_block import FlowBlock
+from .inversion_costs import CostModel, measured_costs
 from .transformer import at_least_fp32
 
-METHODS = ("sequential", "jacobi", "gs-jacobi")
+METHODS = ("sequential", "jacobi", "gs-jacobi", "auto")
 INITS = ("noise", "zeros")
 # Starting from the block's own input latent z ("noise") is what a block close to the identity returns, and it
 # never needed more Jacobi passes than zeros in our measurements (passes per block, last block first): on the
@@ -48,6 +49,13 @@ class InversionSettings:
     (``None`` = the whole sequence; 1 = the sequential recursion). ``tough_blocks``: block indices that get
     modules; ``None`` = every block. ``init``: the initial iterate, "noise" (the block's input latent z) or
     "zeros" (token 0 is z_0 either way), or one per block (e.g. ``models.calibrate(...).init``, the IGM's pick).
+
+    ``"auto"`` chooses per block, for the batch at hand, between the sequential sampler and Jacobi over the
+    largest window a pass still pays for (``models.inversion_costs``): sequential outright where no window does,
+    else Jacobi that hands the rest of the block to the sequential sampler as soon as it has spent more than
+    decoding its finished tokens one by one would have, plus one pass. So it is never slower than sequential by
+    more than about one pass per block, and with ``tol=0`` its result is the sequential one (up to rounding).
+    ``costs``: the ``CostModel`` it decides with; ``None`` = measured once per batch shape and device.
     """
 
     method: str | tuple[str, ...] = "sequential"
@@ -57,6 +65,7 @@ class InversionSettings:
     module_size: int | None = None
     tough_blocks: frozenset[int] | None = None
     init: str | tuple[str, ...] = DEFAULT_INIT
+    costs: CostModel | None = None
 
     def __post_init__(self) -> None:
         for name, choices in (("method", METHODS), ("init", INITS)):
@@ -84,6 +93,8 @@ class InversionSettings:
             if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in tough):
                 raise ValueError(f"tough_blocks must be block indices >= 0, got {sorted(self.tough_blocks)!r}")
             object.__setattr__(self, "tough_blocks", tough)
+        if self.costs is not None and not isinstance(self.costs, CostModel):
+            raise ValueError(f"costs must be a models.inversion_costs.CostModel or None, got {self.costs!r}")
 
     def check_blocks(self, num_blocks: int) -> None:
         """Per-block lists and tough block indices must fit the model."""
@@ -107,7 +118,9 @@ class InversionSettings:
 class BlockStats:
     """What inverting one block cost. ``passes``: parallel passes (sequential: T-1 one-token steps);
     ``token_evals``: tokens pushed through the transformer, summed over passes (sequential: T-1); ``capped``:
-    some module stopped at ``max_iters`` before every token met ``tol`` (the result is then the last iterate)."""
+    some module stopped at ``max_iters`` before every token met ``tol`` (the result is then the last iterate).
+    ``method`` is what ran: "auto" reports "sequential", "jacobi" or "jacobi+sequential" (handed over mid-block,
+    ``passes`` then counts the Jacobi passes plus the one-token steps)."""
 
     block: int
     method: str
@@ -145,10 +158,22 @@ def _gs_jacobi(block: FlowBlock, z: torch.Tensor, inputs: _BlockInputs, settings
                            module_size=settings.module_size if tough else None)
 
 
+def _auto(block: FlowBlock, z: torch.Tensor, inputs: _BlockInputs, settings: InversionSettings,
+          k: int) -> tuple[torch.Tensor, BlockStats]:
+    x = block.permute(z)
+    costs = settings.costs or measured_costs(
+        block, x, inputs, lambda start, end: _affine_chunk(block, x, start, end, inputs, start + 1))
+    if not costs.worth_iterating:
+        return _sequential(block, z, inputs, settings, k)
+    window = settings.window or costs.window
+    return _modular_jacobi(block, z, inputs, settings, k, "jacobi", module_size=None, window=window, guard=costs)
+
+
 Inverter = Callable[[FlowBlock, torch.Tensor, _BlockInputs, InversionSettings, int],
                     tuple[torch.Tensor, BlockStats]]
 # The dispatch table: a new method is one entry here and one name in METHODS.
-INVERTERS: dict[str, Inverter] = {"sequential": _sequential, "jacobi": _jacobi, "gs-jacobi": _gs_jacobi}
+INVERTERS: dict[str, Inverter] = {"sequential": _sequential, "jacobi": _jacobi, "gs-jacobi": _gs_jacobi,
+                                  "auto": _auto}
 
 
 def invert_block(block: FlowBlock, k: int, z: torch.Tensor, rows_bias: torch.Tensor, kv_cache: torch.Tensor,
@@ -187,7 +212,8 @@ def _affine_chunk(block: FlowBlock, x: torch.Tensor, start: int, end: int, input
 
 
 def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, settings: InversionSettings,
-                    k: int, method: str, module_size: int | None) -> tuple[torch.Tensor, BlockStats]:
+                    k: int, method: str, module_size: int | None, window: int | None = None,
+                    guard: CostModel | None = None) -> tuple[torch.Tensor, BlockStats]:
     """Jacobi over modules of ``module_size`` tokens (None: one module of all tokens), solved in order.
 
     State: tokens < ``s`` (the frontier) are final; cache slots < ``cached`` hold final tokens' keys and values.
@@ -197,18 +223,24 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
     before this update, so they are stale: ``cached`` only advances to the old frontier, and the next pass
     starts there (recomputing them without updating them). When a module reaches ``max_iters`` passes its
     current iterate is accepted as final.
+
+    ``guard``: hand the rest of the block to the sequential sampler once the passes have cost more than decoding
+    the finished tokens one by one, plus one pass (``method="auto"``).
     """
     z = block.permute(z_in)
     B, T, _ = z.shape
     x = _initial_iterate(z, settings.init_for(k))
     span = T - 1 if module_size is None else module_size
-    window = T if settings.window is None else settings.window
+    window = window or settings.window or T
     cap = T - 1 if settings.max_iters is None else settings.max_iters
     s, cached = 1, 0
     module_end, module_passes = min(1 + span, T), 0
     passes = token_evals = 0
     capped = False
+    spent = 0.0
     while s < T:
+        if guard is not None and spent > (s - 1) * guard.step + guard.pass_cost(window):
+            return _finish_sequentially(block, x, z, s, cached, inputs, k, passes, token_evals)
         if module_passes >= cap:  # the cap: accept the module's current iterate and move on
             capped = True
             s = module_end
@@ -225,6 +257,8 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
             passes += 1
             module_passes += 1
             token_evals += e - 1 - cached
+            if guard is not None:
+                spent += guard.pass_cost(e - 1 - cached)
             cached = s
             # token s is exact (its inputs were final); then the prefix of changes <= tol (NaN counts as > tol)
             over = ~(change[1:] <= settings.tol)
@@ -234,6 +268,19 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
         if s >= module_end:
             module_end, module_passes = min(s + span, T), 0
     return block.permute(x), BlockStats(k, method, passes, token_evals, capped)
+
+
+def _finish_sequentially(block: FlowBlock, x: torch.Tensor, z: torch.Tensor, s: int, cached: int,
+                         inputs: _BlockInputs, k: int, passes: int,
+                         token_evals: int) -> tuple[torch.Tensor, BlockStats]:
+    """Tokens >= s by the sequential sampler, from a Jacobi state (tokens < s final, cache slots < cached valid)."""
+    T = x.shape[1]
+    if cached < s - 1:  # the slots of tokens frozen in the last pass were written from their values before it
+        _affine_chunk(block, x, cached, s - 1, inputs, s - 1)
+    x[:, s:] = z[:, s:]  # the sequential recursion starts from the latent
+    block.decode_from(x, s - 1, inputs.rows_bias, inputs.kv_cache, inputs.guidance_weights, inputs.q_scale)
+    steps = T - s
+    return block.permute(x), BlockStats(k, "jacobi+sequential", passes + steps, token_evals + steps)
 
 
 def _token_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 from .config import TarFlowConfig
 from .flow_block import FlowBlock
 from .inversion import DEFAULT_INIT, DEFAULT_TOL, BlockStats, InversionSettings, invert_block
+from .inversion_costs import CostModel
 
 VAR_EMA_RATE = 0.1  # the reference's VAR_LR for the volume-preserving prior
 
@@ -130,7 +131,7 @@ class TarFlow(nn.Module):
                 method: str | Sequence[str] = "sequential", tol: float = DEFAULT_TOL, max_iters: int | None = None,
                 window: int | None = None, module_size: int | None = None,
                 tough_blocks: Collection[int] | None = None, init: str | Sequence[str] = DEFAULT_INIT,
-                stats: list[BlockStats] | None = None):
+                costs: CostModel | None = None, stats: list[BlockStats] | None = None):
         """Patch-layout noise (B, T, D) → images (B, C, S, S), inverting the blocks last to first.
 
         Guidance (``guidance > 0``): every parameter θ ∈ ``guide_what`` ("a" log-scale, "b" shift) becomes
@@ -142,16 +143,16 @@ class TarFlow(nn.Module):
         by default −1 means "dropped" (mean class embedding), as in training. ``return_sequence`` returns the
         starting noise and the image after each inverted block (N + 1 images).
 
-        ``method`` inverts each block with the exact sequential sampler (the default), "jacobi" or "gs-jacobi",
-        or one of them per block (indexed like ``self.blocks``); ``tol``, ``max_iters``, ``window``,
-        ``module_size``, ``tough_blocks`` and ``init`` tune the parallel methods (``models.inversion
-        .InversionSettings``). With ``tol=0`` and the default ``max_iters`` (T-1 passes) they give the sequential
-        result up to floating-point differences between the chunked and one-token kernels; with ``tol > 0`` a
-        token is final once a pass moves it by <= tol. ``stats``, a list, receives one
-        ``BlockStats`` per block in inversion order (last block first).
+        ``method`` inverts each block with the exact sequential sampler (the default), "jacobi", "gs-jacobi" or
+        "auto" (per block, whichever the batch at hand makes faster), or one of them per block (indexed like
+        ``self.blocks``); ``tol``, ``max_iters``, ``window``, ``module_size``, ``tough_blocks``, ``init`` and
+        ``costs`` tune the parallel methods (``models.inversion.InversionSettings``). With ``tol=0`` and the
+        default ``max_iters`` (T-1 passes) they give the sequential result up to floating-point differences
+        between the chunked and one-token kernels; with ``tol > 0`` a token is final once a pass moves it by
+        <= tol. ``stats``, a list, receives one ``BlockStats`` per block in inversion order (last block first).
         """
         settings = InversionSettings(method=method, tol=tol, max_iters=max_iters, window=window,
-                                     module_size=module_size, tough_blocks=tough_blocks, init=init)
+                                     module_size=module_size, tough_blocks=tough_blocks, init=init, costs=costs)
         settings.check_blocks(len(self.blocks))
         self._check_latents(noise)
         B = noise.shape[0]

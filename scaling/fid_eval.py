@@ -237,6 +237,8 @@ def fid_argv(plan: FidPlan, point) -> list[str] | None:
         argv.append("--annealed")
     if s.denoise != "false":
         argv += ["--denoise", {"true": "on", "both": "both"}[s.denoise]]
+    if s.method != "sequential":
+        argv += ["--method", s.method] + ([] if s.tol is None else ["--tol", f"{s.tol!r}"])
     if s.batch_size:
         argv += ["--batch-size", str(s.batch_size)]
     return argv

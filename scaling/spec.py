@@ -175,7 +175,8 @@ class FidSpec:
     classifier-feature FD, precision/recall; no Inception weights; the classifier is trained once per study on the
     base config's data) or ``fid+quality`` (both from the same samples). ``denoise``: sample with the denoising step
     (``true``, the paper's), without (``false``), or ``both``: every metric with and without it from the same draws
-    (the results' ``*_raw`` columns are without)."""
+    (the results' ``*_raw`` columns are without). ``method`` and ``tol``: how the samples invert the flow blocks
+    (``tarflow eval --method --tol``; the exact sequential sampler by default, ``tol`` None: the default 1e-4)."""
 
     metric: str = "fid"
     num_samples: int = 1000
@@ -187,6 +188,8 @@ class FidSpec:
     attn_temp: float = 1.0
     annealed: bool = False
     denoise: str = "true"            # the Tweedie step: true | false | both (the same draws with and without it)
+    method: str = "sequential"       # block inversion: sequential | jacobi | gs-jacobi | auto
+    tol: Optional[float] = None      # parallel methods' tolerance (None: the sampler's default)
     seed: int = 0
     batch_size: int = 0              # samples per batch (0: the point's eval.batch_size)
     device: str = "auto"

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.api import ConfigError, check_keys
+from trainer.api import SAMPLING_METHODS, ConfigError, check_keys
 
 from .plan import budget_name, grid_tag
 from .spec import (
@@ -258,6 +258,10 @@ def _validate(spec: StudySpec) -> None:
         _require(d.denoise.lower() in DENOISE, src, "fid.denoise",
                  f"must be {', '.join(DENOISE[:-1])} or {DENOISE[-1]}, got {d.denoise!r}")
         d.denoise = d.denoise.lower()  # YAML's booleans arrive as True/False
+        _require(d.method in SAMPLING_METHODS, src, "fid.method",
+                 f"must be one of {', '.join(SAMPLING_METHODS)}, got {d.method!r}")
+        _require(d.tol is None or (d.tol >= 0 and math.isfinite(d.tol)), src, "fid.tol",
+                 f"must be a number >= 0 (0: iterate until exact), got {d.tol}")
 
 
 def _validate_grid(spec: StudySpec) -> None:

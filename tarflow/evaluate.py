@@ -9,10 +9,13 @@ import json
 import sys
 from pathlib import Path
 
+from .inversion_args import DEFAULTS as INVERSION_DEFAULTS
+from .inversion_args import add_inversion_arguments, inversion_from_args
+
 _FID_ONLY = {"num_samples": 50000, "guidance": [0.0], "attn_temp": [1.0], "annealed": False, "denoise": "off",
              "inception": None, "ref_stats": None, "seed": 0, "batch_size": 0, "precision": "auto",
              "max_redraws": 10, "save_samples": False, "no_bpd": False, "out": None, "split": "train",
-             "classifier": None, "fid_convention": "paper"}
+             "classifier": None, "fid_convention": "paper", **INVERSION_DEFAULTS}
 METRICS = ("bpd", "fid", "quality", "fid+quality")
 
 
@@ -23,6 +26,7 @@ def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-temp", type=float, nargs="+", default=[1.0],
                    help="attention temperatures of the guidance branch (several: a sweep)")
     p.add_argument("--annealed", action="store_true", help="ramp the guidance weight over each block's steps")
+    add_inversion_arguments(p)
     p.add_argument("--denoise", nargs="?", const="on", default="off", choices=["on", "off", "both"],
                    help="one score-based denoising step after sampling (--denoise: on; both: every setting with and "
                         "without it, from the same draws)")
@@ -175,7 +179,8 @@ def run_fid(args: argparse.Namespace) -> int:
     classifier = _classifier(args, cfg, model, device) if "quality" in args.metric else None
     sigma = denoise_std(cfg.train.noise, cfg.train.noise_std)
     denoise = {"off": [None], "on": [sigma], "both": [None, sigma]}[args.denoise]
-    settings = sweep_settings(args.guidance, args.attn_temp, annealed=args.annealed, denoise_stds=denoise)
+    settings = sweep_settings(args.guidance, args.attn_temp, annealed=args.annealed, denoise_stds=denoise,
+                              inversion=inversion_from_args(args))
     notes += settings_notes(settings, c.conditional)
     out_dir = Path(args.out) if args.out else None
     if out_dir is None and (len(settings) > 1 or args.save_samples):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .inversion_args import add_inversion_arguments, inversion_from_args
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample a checkpoint into a PNG grid and an .npz")
@@ -16,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=0.0)
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument("--annealed", action="store_true", help="ramp the guidance weight over each block's steps")
+    add_inversion_arguments(p)
     p.add_argument("--denoise", action="store_true", help="add the grid after one score-based denoising step")
     p.add_argument("--labels", type=int, nargs="+", help="class labels, cycled (default: 0, 1, 2, ...)")
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--labels given but the model is unconditional")
         labels = torch.tensor([args.labels[i % len(args.labels)] for i in range(args.num)])
     sigma = denoise_std(cfg.train.noise, cfg.train.noise_std) if args.denoise else None
-    settings = SamplingSettings(args.guidance, args.attn_temp, args.annealed, sigma)
+    settings = SamplingSettings(args.guidance, args.attn_temp, args.annealed, sigma, inversion_from_args(args))
     precision = resolve_precision(args.precision, device, "gaussian")
     if args.trajectory:
         from trainer.evaluation.trajectory import sampling_trajectory, save_trajectory
@@ -58,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     result = sample_grids(model, noise, labels, [settings], device=device, precision=precision)
     for p in save_grids(result, Path(args.out), "", labels):
         print(p)
+    for name, passes in result.passes.items():
+        print(f"{name}: {args.method} passes per block (last block first, T-1 = "
+              f"{model.config.num_patches - 1}): {' '.join(map(str, passes))}", file=sys.stderr)
     bad = {k: v for k, v in result.nonfinite.items() if v}
     if bad:
         print(f"warning: samples with NaN/Inf values: {bad}", file=sys.stderr)

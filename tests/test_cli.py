@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
     args = ["train", f"train.run_dir={run_dir}", "train.steps=12", "schedule.warmup_steps=2",
             "model.channels=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
             "train.global_batch=32", "train.micro_batch=32", "sample.num=4", "logging.every=4",
-            "logging.progress=false"]
+            "logging.progress=false", "sample.method=jacobi", "sample.tol=1e-3"]
     assert main(args) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     return summary
@@ -45,6 +45,30 @@ def test_sample_writes_grids_and_arrays(checkpoint, tmp_path):
     noise = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(0))
     expected = model.reverse(noise, torch.tensor([3, 7] * 3), guidance=1.5, annealed_guidance=True)
     torch.testing.assert_close(torch.from_numpy(arrays["g1.5"]), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_training_time_grids_log_the_passes_of_a_parallel_inversion(checkpoint):
+    records = [json.loads(line) for line in (Path(checkpoint["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    (passes,) = [r for r in records if "sample/passes_g0" in r]
+    # summed over the 2 blocks: at least one pass each, at most T-1 = 15
+    assert 2 <= passes["sample/passes_g0"] <= 30 and 2 <= passes["sample/passes_g1"] <= 30
+
+
+def test_sample_with_a_parallel_inversion_reports_its_passes(checkpoint, tmp_path, capsys):
+    out = tmp_path / "jacobi"
+    assert main(["sample", checkpoint["checkpoint"], "--num", "6", "--guidance", "1.5", "--method", "jacobi",
+                 "--tol", "0", "--out", str(out), "--device", "cpu"]) == 0
+    passes = capsys.readouterr().err.strip().splitlines()[-1]
+    assert passes.startswith("g1.5: jacobi passes per block (last block first, T-1 = 15): ")
+    assert all(1 <= int(p) <= 15 for p in passes.split(": ")[-1].split()) and len(passes.split(": ")[-1].split()) == 2
+    cfg = from_yaml_text((Path(checkpoint["run_dir"]) / "config.yaml").read_text())
+    model = TarFlow(cfg.model)
+    model.load_state_dict(model_state(checkpoint["checkpoint"]))
+    noise = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(0))
+    expected = model.reverse(noise, torch.arange(6) % 10, guidance=1.5)  # tol 0: the exact inverse
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "samples.npz")["g1.5"]), expected, rtol=0, atol=1e-5)
+    with pytest.raises(SystemExit):
+        main(["sample", checkpoint["checkpoint"], "--method", "newton", "--out", str(out)])
 
 
 def test_eval_reproduces_the_runs_final_bits_per_dim(checkpoint, capsys):

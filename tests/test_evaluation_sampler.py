@@ -14,6 +14,7 @@ from trainer.evaluation.sampler import (
     draw_noise,
     draw_samples,
     fixed_noise_and_labels,
+    inversion_settings,
     noise_seed,
     rank_indices,
     sample_labels,
@@ -123,3 +124,22 @@ def test_the_core_draws_a_trajectory_whose_last_state_is_the_sample_and_restores
     torch.testing.assert_close(seq.sample, one.sample, rtol=0, atol=0)
     torch.testing.assert_close(one.final, one.denoised, rtol=0, atol=0)
     assert draw(model, noise, labels, SamplingSettings(), device=CPU, precision=FP32).denoised is None
+
+
+def test_the_core_passes_the_inversion_through_and_reports_passes_per_block():
+    model = TarFlow(TINY).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    noise, labels = fixed_noise_and_labels(model, 4, seed=3)
+    exact = draw(model, noise, labels, SamplingSettings(guidance=1.0), device=CPU, precision=FP32)
+    assert exact.passes == [TINY.num_patches - 1] * TINY.num_blocks
+    s = SamplingSettings(guidance=1.0, inversion=inversion_settings("gs-jacobi", 1e-3, module_size=4))
+    assert s.name == "g1_t1_gs-jacobi0.001" and s.reverse_kwargs()["module_size"] == 4
+    assert s.record() == {"guidance": 1.0, "attn_temp": 1.0, "annealed": False, "denoise_std": None,
+                          "method": "gs-jacobi", "tol": 1e-3}
+    parallel = draw(model, noise, labels, s, device=CPU, precision=FP32)
+    assert len(parallel.passes) == TINY.num_blocks and all(1 <= p for p in parallel.passes)
+    assert (parallel.sample - exact.sample).abs().max() < 1e-2
+    with pytest.raises(ValueError, match="unknown method 'newton'"):
+        inversion_settings("newton")

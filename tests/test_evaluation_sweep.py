@@ -10,6 +10,7 @@ from PIL import Image
 from tarflow_testing.evaluation import CPU, FP32, checkpoint_and_reference, perturbed_model
 from trainer.evaluation.fid import load_stats
 from trainer.evaluation.inception import load_fid_network
+from trainer.evaluation.sampler import inversion_settings
 from trainer.evaluation.sweep import run_sweep, settings_notes, sweep_settings
 
 
@@ -46,7 +47,7 @@ def test_a_guidance_sweep_writes_a_table_and_a_plot(files, tmp_path):
     assert [(float(r["guidance"]), float(r["attn_temp"])) for r in rows] == [(0, 1), (2, 1)]
     assert set(rows[0]) == {"guidance", "attn_temp", "annealed", "denoise", "num_samples", "fid", "nan_redraws",
                             "sample_bits_per_dim", "heldout_bits_per_dim", "seconds", "class_accuracy",
-                            "classifier_fd", "precision", "recall"}
+                            "classifier_fd", "precision", "recall", "method", "tol", "passes_per_block"}
     assert rows[0]["classifier_fd"] == ""  # the classifier metrics: empty unless asked for
     assert rows[1]["denoise"] == "True" and float(rows[1]["heldout_bits_per_dim"]) == 8.5
     assert np.asarray(Image.open(tmp_path / "sweep.png")).shape[:2] == (400, 1000)
@@ -83,3 +84,25 @@ def test_denoising_both_ways_evaluates_the_same_draws_with_and_without_the_step(
     with open(tmp_path / "sweep.csv") as f:
         assert [r["denoise"] for r in csv.DictReader(f)] == ["False", "True"]
     assert (tmp_path / "preview_g1_t1.png").is_file() and (tmp_path / "preview_g1_t1_denoised.png").is_file()
+
+
+def test_a_sweep_with_jacobi_inversion_names_the_method_and_reports_the_passes(tmp_path):
+    """tol=0 Jacobi draws the same samples as the sequential sampler (up to kernel rounding: equal after
+    quantisation here), and the rows say which inversion ran and what it cost per block."""
+    model, _ = perturbed_model()
+    exact = inversion_settings("jacobi", 0.0)
+    sequential, jacobi = [sweep_settings([1.0], [1.0], annealed=False, denoise_stds=[None], inversion=inv)[0]
+                          for inv in (None, exact)]
+    assert (sequential.name, jacobi.name) == ("g1_t1", "g1_t1_jacobi0")
+    results = run_sweep(model, load_fid_network("tiny-random", "pytorch-fid"), None, [sequential, jacobi],
+                        out_dir=tmp_path, num_samples=8, base_seed=0, batch_size=4, device=CPU, precision=FP32,
+                        sample_bpd=False)
+    seq, jac = results
+    assert (seq.method, seq.tol, jac.method, jac.tol) == ("sequential", None, "jacobi", 0.0)
+    T = model.config.num_patches
+    assert seq.passes_per_block == " ".join([str(T - 1)] * len(model.blocks))
+    assert all(1 <= float(p) <= T - 1 for p in jac.passes_per_block.split())
+    assert (seq.preview.int() - jac.preview.int()).abs().max() <= 1
+    with open(tmp_path / "sweep.csv") as f:
+        assert [(r["method"], r["passes_per_block"]) for r in csv.DictReader(f)] == [
+            ("sequential", seq.passes_per_block), ("jacobi", jac.passes_per_block)]

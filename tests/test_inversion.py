@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import METHODS, BlockStats, InversionSettings, TarFlow, TarFlowConfig
+from models.inversion_costs import CostModel
 from models.transformer import TransformerLayer
 
 TINY = dict(in_channels=1, img_size=8, patch_size=2, channels=16, head_dim=8, num_blocks=2, layers_per_block=2)
@@ -163,7 +164,8 @@ def test_stats_of_every_method(cond64):
     for method in METHODS:
         stats = []
         cond64.reverse(noise, method=method, tol=1e-6, stats=stats)
-        assert [s.block for s in stats] == [1, 0] and all(s.method == method for s in stats)
+        ran = {"auto": {"sequential", "jacobi", "jacobi+sequential"}}.get(method, {method})
+        assert [s.block for s in stats] == [1, 0] and all(s.method in ran for s in stats)
         assert all(1 <= s.passes <= T - 1 and s.token_evals >= s.passes for s in stats)
     stats = []
     cond64.reverse(noise, method="gs-jacobi", module_size=1, stats=stats)
@@ -195,11 +197,53 @@ def test_bf16_autocast_runs_and_is_close(golden_model, golden):
         assert max_err(got, expected) < 0.1
 
 
+# ---------------------------------------------------------------- auto
+SIZES = (1, 2, 4, 8, 15)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(guidance=1.5, attn_temp=0.5, annealed_guidance=True)])
+def test_auto_with_measured_costs_is_exact_at_tol_zero(golden_model, golden, kwargs):
+    """Whatever the timings choose on this machine: tol=0 gives the sequential result (up to kernel rounding)."""
+    noise, y = golden["noise"], golden["y"]
+    expected = golden_model.reverse(noise, y, **kwargs)
+    got = golden_model.reverse(noise, y, method="auto", tol=0.0, **kwargs)
+    assert max_err(got, expected) <= 1e-6 * float(expected.abs().max())
+
+
+def test_auto_decodes_sequentially_where_a_pass_costs_as_much_as_its_tokens(cond64):
+    """Compute-bound (a pass over n tokens costs n steps): no window pays, so every block is the exact sequential
+    sampler, bit for bit."""
+    compute_bound = CostModel(step=1.0, sizes=SIZES, chunk=tuple(float(n) for n in SIZES))
+    assert compute_bound.window == 2 and not compute_bound.worth_iterating
+    noise, stats = tiny_noise(), []
+    got = cond64.reverse(noise, guidance=1.0, method="auto", costs=compute_bound, stats=stats)
+    assert torch.equal(got, cond64.reverse(noise, guidance=1.0))
+    assert [(s.method, s.passes) for s in stats] == [("sequential", T - 1)] * 2
+
+
+def test_auto_hands_a_slow_block_to_the_sequential_sampler_and_stays_exact(cond64):
+    """Latency-bound, but each pass costs 10 steps: Jacobi may keep going only while it finishes tokens at least as
+    fast as decoding them would (plus one pass of slack). tol=0 on a model far from the identity needs many passes,
+    so the guard hands over mid-block; the result is still the sequential one."""
+    slow_passes = CostModel(step=1.0, sizes=SIZES, chunk=(10.0,) * len(SIZES))
+    assert slow_passes.window == T - 1 and slow_passes.worth_iterating
+    noise, stats = tiny_noise(), []
+    got = cond64.reverse(noise, guidance=1.0, method="auto", tol=0.0, costs=slow_passes, stats=stats)
+    torch.testing.assert_close(got, cond64.reverse(noise, guidance=1.0), rtol=0, atol=1e-12)
+    assert {s.method for s in stats} == {"jacobi+sequential"}
+    # where passes are cheap, the same blocks run as Jacobi to the end
+    free_passes = CostModel(step=1.0, sizes=SIZES, chunk=(0.01,) * len(SIZES))
+    stats = []
+    cond64.reverse(noise, guidance=1.0, method="auto", tol=0.0, costs=free_passes, stats=stats)
+    assert {s.method for s in stats} == {"jacobi"}
+
+
 # ---------------------------------------------------------------- bad arguments
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="newton"), r"unknown method 'newton'; choose one of 'sequential', 'jacobi', 'gs-jacobi'"),
-    (dict(method=["jacobi", "auto"]), r"unknown method 'auto'"),
+    (dict(method=["jacobi", "newton"]), r"unknown method 'newton'"),
+    (dict(method="auto", costs=(1.0, 2.0)), r"costs must be a models.inversion_costs.CostModel or None"),
     (dict(method=["jacobi"] * 3), r"method has 3 entries but the model has 2 blocks"),
     (dict(method="jacobi", tol=-1e-3), r"tol must be a number >= 0"),
     (dict(method="jacobi", max_iters=0), r"max_iters must be a positive integer or None, got 0"),

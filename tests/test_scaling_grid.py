@@ -224,11 +224,12 @@ def test_missing_inception_weights_fail_the_study_before_anything_trains(tmp_pat
 
 def test_a_study_can_ask_for_the_offline_classifier_metrics_per_point(tmp_path, capsys):
     """`fid: {metric: quality}`: no Inception weights; the classifier is trained once into the study directory.
-    `denoise: both`: the same draws scored with and without the denoising step."""
+    `denoise: both`: the same draws scored with and without the denoising step; `method: jacobi`: the samples
+    come from the parallel inversion, and the results say so."""
     path = tmp_path / "q.yaml"
     path.write_text(TINY.format(config=DIGITS).replace("[0.05, 0.5]", "[0.05]").replace(
         'num_samples: 4, inception: "tiny-random", split: heldout, batch_size: 4',
-        "metric: quality, num_samples: 10, batch_size: 10, denoise: both"))
+        "metric: quality, num_samples: 10, batch_size: 10, denoise: both, method: jacobi, tol: 0.001"))
     argv = ["scale", "run", str(path), "--dir", str(tmp_path / "study"), "--no-fit"]
     assert main(argv) == 0
     (r,) = read_csv(tmp_path / "study" / "results.csv")
@@ -237,12 +238,14 @@ def test_a_study_can_ask_for_the_offline_classifier_metrics_per_point(tmp_path, 
     assert r.classifier_fd_raw > 0 and r.classifier_fd_raw != r.classifier_fd and r.fid_raw is None
     rows = json.loads((tmp_path / "study" / "points" / r.name / "fid" / "results.json").read_text())["results"]
     assert [row["denoise"] for row in rows] == [False, True]
+    assert {(row["method"], row["tol"]) for row in rows} == {("jacobi", 0.001)}
     assert (r.classifier_fd_raw, r.classifier_fd) == (rows[0]["classifier_fd"], rows[1]["classifier_fd"])
     assert len(list((tmp_path / "study" / "fid").glob("classifier-digits-*.pt"))) == 1
     request = json.loads((tmp_path / "study" / "points" / r.name / "fid" / "request.json").read_text())
     assert request["argv"][1:3] == ["--metric", "quality"] and "--classifier" in request["argv"]
     assert "--inception" not in request["argv"] and request["classifier_sha1"]
     assert request["argv"][request["argv"].index("--denoise") + 1] == "both"
+    assert request["argv"][request["argv"].index("--method"):][:4] == ["--method", "jacobi", "--tol", "0.001"]
     out = capsys.readouterr().out
     assert f"[{r.name}] class accuracy " in out and "; without the denoising step: class accuracy " in out
     assert main(["scale", "report", str(tmp_path / "study")]) == 0

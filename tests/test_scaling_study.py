@@ -129,6 +129,9 @@ def test_a_study_file_loads_and_its_config_is_found_from_the_working_directory(t
     ({"config": "nope/missing.yaml"}, "config: nope/missing.yaml not found"),
     ({"fid": {"metric": "quality", "denoise": "sometimes"}},
      "fid.denoise: must be true, false or both, got 'sometimes'"),
+    ({"fid": {"metric": "quality", "method": "newton"}},
+     "fid.method: must be one of sequential, jacobi, gs-jacobi, auto, got 'newton'"),
+    ({"fid": {"metric": "quality", "method": "jacobi", "tol": -1.0}}, "fid.tol: must be a number >= 0"),
 ])
 def test_spec_errors_name_the_key(change, message, tmp_path):
     with pytest.raises(StudyError) as e:

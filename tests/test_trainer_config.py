@@ -33,6 +33,9 @@ def test_yaml_then_overrides_in_that_order(tmp_path):
     (["optim.lr=0"], "optim.lr: must be > 0"),
     (["schedule.warmup_steps=5000"], r"schedule.warmup_steps: must be in \[0, train.steps=1000\)"),
     (["train.strategy=magic"], "train.strategy: must be one of"),
+    (["sample.method=newton"], r"sample.method: must be one of \('sequential', 'jacobi', 'gs-jacobi', 'auto'\)"),
+    (["sample.method=jacobi", "sample.tol=-1"], "sample.tol: tol must be a number >= 0"),
+    (["sample.max_iters=-2"], "sample.max_iters: must be >= 0"),
     (["model=3"], "'model' is a section"),
     (["steps"], "key=value"),
 ])

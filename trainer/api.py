@@ -10,7 +10,8 @@ training run without reaching into the trainer's modules or the model package.
   ``check_reference_stats`` checks a statistics file from ``tarflow eval stats`` against it (``stats_suffix``: the
   convention's file format); the FID itself is ``tarflow eval CKPT --metric fid`` (``cluster.torchrun``'s
   ``tarflow_command("eval")``); ``classifier_dataset`` checks that the offline quality metrics
-  (``tarflow eval CKPT --metric quality``) support a config's data.
+  (``tarflow eval CKPT --metric quality``) support a config's data;
+- **sampling**: ``SAMPLING_METHODS``, the block inversions ``tarflow eval --method`` accepts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import TarFlow, num_parameters
+from models import METHODS, TarFlow, num_parameters
 
 from .config import Config, ConfigError, check_keys, load_config
 from .evaluation.fid import check_comparable, load_stats, stats_suffix
@@ -28,11 +29,12 @@ from .flops import flops_per_image
 
 __all__ = ["Config", "ConfigError", "load_config", "check_keys", "parameter_counts", "train_flops_per_image",
            "RANDOM_INCEPTION", "FID_CONVENTIONS", "DEFAULT_FID_CONVENTION", "stats_suffix", "FidNetwork",
-           "load_fid_network", "check_reference_stats", "classifier_dataset"]
+           "load_fid_network", "check_reference_stats", "classifier_dataset", "SAMPLING_METHODS"]
 
 # ``tiny-random[:SEED]`` in place of the FID Inception weights: a random stand-in network, plumbing only
 RANDOM_INCEPTION = TINY_PREFIX
 FID_CONVENTIONS, DEFAULT_FID_CONVENTION = CONVENTIONS, DEFAULT_CONVENTION
+SAMPLING_METHODS = METHODS
 
 
 # ---------------------------------------------------------------- cost

@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cluster.run_contract import PREEMPTION_EXIT_CODE
 from data_pipeline.config import DataConfig
-from models import TarFlowConfig
+from models import METHODS, InversionSettings, TarFlowConfig
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,10 @@ class SampleConfig:
     annealed: bool = False
     denoise: bool = True
     seed: int = 1234      # fixed noise and labels, so grids of different steps are comparable
+    method: str = "sequential"  # block inversion: sequential (exact) | jacobi | gs-jacobi | auto (models.inversion)
+    tol: float = 1e-4     # parallel methods: a token is final once a pass moves it by <= tol
+    max_iters: int = 0    # parallel methods: passes per block; 0: T-1 (enough to be exact)
+    window: int = 0       # jacobi: tokens updated per pass after the finished ones; 0: all (auto: its own choice)
 
 
 @dataclass
@@ -271,6 +275,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {cfg.eval.batch_size}")
     _require(cfg.sample.num >= 1, "sample.num", f"must be >= 1, got {cfg.sample.num}")
     _require(cfg.sample.attn_temp > 0, "sample.attn_temp", f"must be > 0, got {cfg.sample.attn_temp}")
+    sc = cfg.sample
+    _require(sc.method in METHODS, "sample.method", f"must be one of {METHODS}, got {sc.method!r}")
+    for key in ("max_iters", "window"):
+        _require(getattr(sc, key) >= 0, f"sample.{key}", f"must be >= 0 (0: the default), got {getattr(sc, key)}")
+    try:
+        InversionSettings(method=sc.method, tol=sc.tol, max_iters=sc.max_iters or None, window=sc.window or None)
+    except ValueError as e:
+        _require(False, "sample.tol", str(e))
     _require(cfg.checkpoint.keep >= 2, "checkpoint.keep", f"must be >= 2 (the one before the newest is the fallback "
              f"when the newest fails verification), got {cfg.checkpoint.keep}")
     _require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0, got {cfg.checkpoint.keep_every}")

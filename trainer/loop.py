@@ -250,6 +250,8 @@ class Trainer:
                                   precision=self.precision, rank=self.rank, world_size=self.world_size)
         if result is None:
             return []
+        if cfg.method != "sequential":  # what the parallel inversion cost: passes summed over the blocks
+            self.logger.log(self.state.step, {f"sample/passes_{k}": sum(v) for k, v in result.passes.items()})
         if any(result.nonfinite.values()):  # exp-affine sampling can overflow, mostly early in training
             self.logger.log(self.state.step, {f"sample/nonfinite_{k}": v for k, v in result.nonfinite.items()})
             print(f"note: samples with NaN/Inf values at step {self.state.step}: {result.nonfinite}")

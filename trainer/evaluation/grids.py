@@ -3,7 +3,7 @@ the denoising step, as PNG grids and one .npz."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,12 +13,13 @@ from models import TarFlow
 from ..config import SampleConfig
 from ..runtime import Precision
 from .image_grid import save_image_grid, save_samples_npz
-from .sampler import SamplingSettings, finite_rows, sample_on_ranks
+from .sampler import SamplingSettings, finite_rows, inversion_settings, sample_on_ranks
 
 
 @dataclass
 class SampleResult:
     images: dict[str, torch.Tensor]  # name → (N, C, H, W) in [-1, 1]
+    passes: dict[str, list[int]] = field(default_factory=dict)  # g<guidance> → passes per block, last block first
 
     @property
     def nonfinite(self) -> dict[str, int]:
@@ -33,7 +34,8 @@ def guidance_settings(guidances: list[float], base: SamplingSettings) -> list[Sa
 
 def grid_settings(cfg: SampleConfig, denoise_std: float | None) -> list[SamplingSettings]:
     """The training-time grids: without guidance, and with ``sample.guidance`` when it is set."""
-    base = SamplingSettings(attn_temp=cfg.attn_temp, annealed=cfg.annealed, denoise_std=denoise_std)
+    base = SamplingSettings(attn_temp=cfg.attn_temp, annealed=cfg.annealed, denoise_std=denoise_std,
+                            inversion=inversion_settings(cfg.method, cfg.tol, cfg.max_iters, cfg.window))
     return guidance_settings([0.0, cfg.guidance] if cfg.guidance > 0 else [0.0], base)
 
 
@@ -46,12 +48,13 @@ def sample_grids(model: TarFlow, noise: torch.Tensor, labels: torch.Tensor | Non
                             world_size=world_size)
     if drawn is None:
         return None
-    images: dict[str, torch.Tensor] = {}
+    result = SampleResult({})
     for s, d in zip(settings, drawn):
-        images[f"g{s.guidance:g}"] = d.sample
+        result.images[f"g{s.guidance:g}"] = d.sample
+        result.passes[f"g{s.guidance:g}"] = d.passes
         if d.denoised is not None:
-            images[f"g{s.guidance:g}_denoised"] = d.denoised
-    return SampleResult(images)
+            result.images[f"g{s.guidance:g}_denoised"] = d.denoised
+    return result
 
 
 def save_grids(result: SampleResult, out_dir: Path, prefix: str, labels: torch.Tensor | None) -> list[Path]:

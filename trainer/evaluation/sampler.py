@@ -4,8 +4,10 @@ optional denoising step; ``sample_on_ranks`` shards fixed noise over the ranks a
 follows the FID sampling plan below and redraws NaN/Inf samples.
 
 How to invert the flow is one ``SamplingSettings``: guidance weight, attention temperature of the guidance branch,
-annealed guidance, and the σ of the denoising step. A new sampling option is one more field (and its keyword in
-``reverse_kwargs``), not a new argument threaded through every caller.
+annealed guidance, the σ of the denoising step, and how each block is inverted (``models.InversionSettings``:
+the exact sequential sampler by default, or Jacobi / GS-Jacobi / auto with a tolerance). A new sampling option is
+one more field (and its keyword in ``reverse_kwargs``), not a new argument threaded through every caller. Every
+draw reports the parallel passes each block took (``Drawn.passes``, inversion order: last block first).
 
 Two noise schemes, each fixed (changing either changes every saved sample):
     *Fixed grids* (training-time grids, ``tarflow sample``): ``fixed_noise_and_labels`` draws all ``num`` noise
@@ -28,13 +30,13 @@ NaN/Inf samples
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import torch
 
 from data_pipeline.seeding import derive_seed
-from models import TarFlow, TarFlowConfig
+from models import InversionSettings, TarFlow, TarFlowConfig
 
 from ..distributed import gather_objects
 from ..runtime import Precision
@@ -49,14 +51,43 @@ class SamplingSettings:
     attn_temp: float = 1.0
     annealed: bool = False
     denoise_std: float | None = None  # σ of the Tweedie step; None: no denoising
+    inversion: InversionSettings = field(default_factory=InversionSettings)
 
     @property
     def name(self) -> str:
-        return f"g{self.guidance:g}_t{self.attn_temp:g}" + ("_denoised" if self.denoise_std is not None else "")
+        return f"g{self.guidance:g}_t{self.attn_temp:g}" + self.inversion_tag + (
+            "_denoised" if self.denoise_std is not None else "")
+
+    @property
+    def inversion_tag(self) -> str:
+        """"" for the exact sequential sampler; else e.g. "_jacobi0.001" (method and tolerance)."""
+        method = self.inversion.method
+        if method == "sequential":
+            return ""
+        method = method if isinstance(method, str) else "+".join(method)
+        return f"_{method}{self.inversion.tol:g}"
 
     def reverse_kwargs(self) -> dict:
         """The keywords of ``TarFlow.reverse`` these settings set."""
-        return {"guidance": self.guidance, "attn_temp": self.attn_temp, "annealed_guidance": self.annealed}
+        inversion = {f.name: getattr(self.inversion, f.name) for f in fields(self.inversion)}
+        return {"guidance": self.guidance, "attn_temp": self.attn_temp, "annealed_guidance": self.annealed,
+                **inversion}
+
+    def record(self) -> dict:
+        """Plain values for metadata and results: the settings, with the inversion as method and tolerance."""
+        method = self.inversion.method
+        return {"guidance": self.guidance, "attn_temp": self.attn_temp, "annealed": self.annealed,
+                "denoise_std": self.denoise_std, "method": method if isinstance(method, str) else list(method),
+                "tol": self.inversion.tol if method != "sequential" else None}
+
+
+def inversion_settings(method: str = "sequential", tol: float | None = None, max_iters: int = 0,
+                       window: int = 0, module_size: int = 0) -> InversionSettings:
+    """``InversionSettings`` from config / command-line values, where 0 means "the default" (T-1 passes, no window,
+    one module) and ``tol=None`` the models' default tolerance."""
+    kwargs = {} if tol is None else {"tol": tol}
+    return InversionSettings(method=method, max_iters=max_iters or None, window=window or None,
+                             module_size=module_size or None, **kwargs)
 
 
 @contextlib.contextmanager
@@ -80,6 +111,7 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
 class Drawn:
     states: list[torch.Tensor]       # float32: the sample alone, or the trajectory (the sample last)
     denoised: torch.Tensor | None    # the sample after the denoising step (finite samples only), or None
+    passes: list[int] = field(default_factory=list)  # per block, inversion order (sequential: T-1 each)
 
     @property
     def sample(self) -> torch.Tensor:
@@ -91,7 +123,8 @@ class Drawn:
         return self.sample if self.denoised is None else self.denoised
 
     def cpu(self) -> Drawn:
-        return Drawn([s.cpu() for s in self.states], None if self.denoised is None else self.denoised.cpu())
+        return Drawn([s.cpu() for s in self.states], None if self.denoised is None else self.denoised.cpu(),
+                     self.passes)
 
 
 def draw(model: TarFlow, noise: torch.Tensor, labels: torch.Tensor | None, settings: SamplingSettings, *,
@@ -100,9 +133,10 @@ def draw(model: TarFlow, noise: torch.Tensor, labels: torch.Tensor | None, setti
     ``sequence``: every state of ``model.reverse(..., return_sequence=True)`` (the starting noise first)."""
     noise = noise.to(device)
     y = labels.to(device) if labels is not None else None
+    stats = []
     with evaluating(model):
         with precision.autocast(device):
-            out = model.reverse(noise, y, return_sequence=sequence, **settings.reverse_kwargs())
+            out = model.reverse(noise, y, return_sequence=sequence, stats=stats, **settings.reverse_kwargs())
         states = [s.float() for s in out] if sequence else [out.float()]
         denoised = None
         if settings.denoise_std is not None:
@@ -112,7 +146,7 @@ def draw(model: TarFlow, noise: torch.Tensor, labels: torch.Tensor | None, setti
             if finite.any():  # one non-finite sample must not poison the others' denoising
                 denoised[finite] = model.denoise(x[finite], y[finite] if y is not None else None,
                                                  noise_std=settings.denoise_std).float()
-    return Drawn(states, denoised)
+    return Drawn(states, denoised, [s.passes for s in stats])
 
 
 # ---------------------------------------------------------------- fixed noise, sharded over ranks
@@ -143,8 +177,10 @@ def sample_on_ranks(model: TarFlow, noise: torch.Tensor, labels: torch.Tensor | 
     def joined(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(tensors)[:n]
 
+    # passes: the slowest rank's, per block (it sets the wall time)
     return [Drawn([joined([p[k].states[j] for p in parts]) for j in range(len(d.states))],
-                  None if d.denoised is None else joined([p[k].denoised for p in parts]))
+                  None if d.denoised is None else joined([p[k].denoised for p in parts]),
+                  [max(block) for block in zip(*(p[k].passes for p in parts))])
             for k, d in enumerate(parts[0])]
 
 
@@ -195,6 +231,7 @@ class DrawnBatch:
     labels: torch.Tensor | None       # (B,) int64 on the CPU
     draws: list[tuple[int, int, int]]  # (index, attempt, seed) of every draw made for this batch, redraws included
     redraws: int
+    passes: list[int] = field(default_factory=list)  # per block (inversion order) of the batch's first draw
 
 
 def draw_samples(model: TarFlow, indices, settings: SamplingSettings, *, base_seed: int, batch_size: int,
@@ -211,12 +248,15 @@ def draw_samples(model: TarFlow, indices, settings: SamplingSettings, *, base_se
         out = torch.empty(len(batch), c.in_channels, c.img_size, c.img_size, device=device)
         pending = list(range(len(batch)))
         draws: list[tuple[int, int, int]] = []
+        passes: list[int] = []
         while pending:
             seeds = [noise_seed(base_seed, batch[p], attempts[p]) for p in pending]
             draws += [(batch[p], attempts[p], s) for p, s in zip(pending, seeds)]
             rows = torch.tensor(pending)
-            x = draw(model, draw_noise(c, seeds), labels[rows] if labels is not None else None, settings,
-                     device=device, precision=precision).final
+            drawn = draw(model, draw_noise(c, seeds), labels[rows] if labels is not None else None, settings,
+                         device=device, precision=precision)
+            x = drawn.final
+            passes = passes or drawn.passes
             finite = finite_rows(x).cpu()
             out[rows[finite].to(device)] = x[finite.to(device)]
             pending = [p for p, ok in zip(pending, finite.tolist()) if not ok]
@@ -226,4 +266,4 @@ def draw_samples(model: TarFlow, indices, settings: SamplingSettings, *, base_se
                     raise FIDError(f"sample {batch[p]} ({settings.name}) was still NaN/Inf after "
                                    f"{max_redraws} redraws with fresh noise; the model diverges at these "
                                    f"settings (raise --max-redraws, or lower the guidance)")
-        yield DrawnBatch(batch, out, labels, draws, sum(attempts))
+        yield DrawnBatch(batch, out, labels, draws, sum(attempts), passes)

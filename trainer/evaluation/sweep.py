@@ -30,14 +30,14 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_pipeline.seeding import derive_seed
-from models import TarFlow
+from models import InversionSettings, TarFlow
 
 from ..distributed import all_reduce_sum, gather_objects
 from ..runtime import Precision
@@ -54,11 +54,13 @@ PREVIEW = 64
 
 # ---------------------------------------------------------------- settings
 def sweep_settings(guidances: list[float], attn_temps: list[float], *, annealed: bool,
-                   denoise_stds: list[float | None]) -> list[SamplingSettings]:
+                   denoise_stds: list[float | None],
+                   inversion: InversionSettings | None = None) -> list[SamplingSettings]:
     """Every (guidance, attention temperature, denoising) combination, in the order given, duplicates removed.
     ``denoise_stds``: the Tweedie step's σ, None for none; both (``[None, σ]``) evaluate the same draws (the noise of
     sample i depends only on the seed, i and the attempt) with and without the step, except where the step itself
-    gives a non-finite sample, which is redrawn (and counted) in the denoised setting only."""
+    gives a non-finite sample, which is redrawn (and counted) in the denoised setting only. ``inversion``: how
+    every setting inverts the blocks (default: the exact sequential sampler)."""
     if not guidances or not attn_temps:
         raise ValueError("give at least one --guidance and one --attn-temp value")
     for g in guidances:
@@ -68,7 +70,8 @@ def sweep_settings(guidances: list[float], attn_temps: list[float], *, annealed:
         if t <= 0 or not math.isfinite(t):
             raise ValueError(f"--attn-temp values must be finite and > 0, got {t}")
     combos = dict.fromkeys((float(g), float(t), d) for g in guidances for t in attn_temps for d in denoise_stds)
-    return [SamplingSettings(g, t, annealed, d) for g, t, d in combos]
+    inversion = inversion or InversionSettings()
+    return [SamplingSettings(g, t, annealed, d, inversion) for g, t, d in combos]
 
 
 def settings_notes(settings: list[SamplingSettings], conditional: bool) -> list[str]:
@@ -90,10 +93,10 @@ def _to_model_space(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- one setting
+QUALITY_COLUMNS = ("class_accuracy", "classifier_fd", "precision", "recall")
 SWEEP_COLUMNS = ("guidance", "attn_temp", "annealed", "denoise", "num_samples", "fid", "nan_redraws",
-                 "sample_bits_per_dim", "heldout_bits_per_dim", "seconds", "class_accuracy", "classifier_fd",
-                 "precision", "recall")
-QUALITY_COLUMNS = SWEEP_COLUMNS[-4:]
+                 "sample_bits_per_dim", "heldout_bits_per_dim", "seconds", *QUALITY_COLUMNS, "method", "tol",
+                 "passes_per_block")
 
 
 @dataclass
@@ -112,6 +115,9 @@ class SettingResult:
     classifier_fd: float | None = None
     precision: float | None = None
     recall: float | None = None
+    method: str = "sequential"         # how the blocks were inverted (``models.InversionSettings``)
+    tol: float | None = None           # its tolerance; None for the exact sequential sampler
+    passes_per_block: str = ""         # mean passes per block over the batches, last block first ("15 15 15 15")
     stats: FeatureStats | None = field(default=None, repr=False)            # the samples' statistics, rank 0
     draws: list[tuple[int, int, int]] | None = field(default=None, repr=False)  # every rank's draws, rank 0
     preview: torch.Tensor | None = field(default=None, repr=False)          # rank 0's first samples, uint8
@@ -133,6 +139,7 @@ def evaluate_setting(model: TarFlow, inception: FIDNetwork | None, reference: Fe
     acc = FeatureAccumulator(inception.feature_dim, device) if inception is not None else None
     scorer = QualityScorer(classifier, device) if classifier is not None else None
     bpd_sum, redraws, draws, preview, saved = 0.0, 0, [], [], []
+    pass_sums, batches = [0.0] * len(model.blocks), 0
     for batch in draw_samples(model, mine, settings, base_seed=base_seed, batch_size=batch_size, device=device,
                               precision=precision, max_redraws=max_redraws):
         pixels = to_uint8(batch.images)
@@ -147,6 +154,8 @@ def evaluate_setting(model: TarFlow, inception: FIDNetwork | None, reference: Fe
             bpd_sum += bpd * n
         redraws += batch.redraws
         draws += batch.draws
+        pass_sums = [t + p for t, p in zip(pass_sums, batch.passes)]
+        batches += 1
         if rank == 0 and sum(len(p) for p in preview) < PREVIEW:
             preview.append(pixels[:PREVIEW - sum(len(p) for p in preview)].cpu())
         if save_dir is not None:
@@ -156,17 +165,21 @@ def evaluate_setting(model: TarFlow, inception: FIDNetwork | None, reference: Fe
     if acc is not None:
         acc.all_reduce()
     quality = scorer.finish(rank) if scorer is not None else None
-    bpd_sum, redraws_total = all_reduce_sum([bpd_sum, float(redraws)], device)
+    bpd_sum, redraws_total, batches_total, *pass_totals = all_reduce_sum(
+        [bpd_sum, float(redraws), float(batches), *pass_sums], device)
     all_draws = gather_objects(draws)
+    record = settings.record()
     result = SettingResult(settings.guidance, settings.attn_temp, settings.annealed,
                            settings.denoise_std is not None, num_samples, None, int(redraws_total),
-                           bpd_sum / num_samples if sample_bpd else None, heldout_bpd, 0.0)
+                           bpd_sum / num_samples if sample_bpd else None, heldout_bpd, 0.0,
+                           method=str(record["method"]), tol=record["tol"],
+                           passes_per_block=" ".join(f"{p / max(batches_total, 1):g}" for p in pass_totals))
     if quality is not None:
         for k in QUALITY_COLUMNS:
             setattr(result, k, getattr(quality, k))
     if rank == 0 and acc is not None:
         result.stats = FeatureStats.from_accumulator(acc, {"network": inception.identity,
-                                                           "convention": inception.convention, **asdict(settings)})
+                                                           "convention": inception.convention, **settings.record()})
         if reference is not None:
             result.fid = result.stats.fid(reference)
     if rank == 0:
