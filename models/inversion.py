@@ -11,6 +11,7 @@ modules that are solved one after the other, Jacobi inside each.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,11 +51,11 @@ class InversionSettings:
     modules; ``None`` = every block. ``init``: the initial iterate, "noise" (the block's input latent z) or
     "zeros" (token 0 is z_0 either way), or one per block (e.g. ``models.calibrate(...).init``, the IGM's pick).
 
-    ``"auto"`` chooses per block, for the batch at hand, between the sequential sampler and Jacobi over the
-    largest window a pass still pays for (``models.inversion_costs``): sequential outright where no window does,
-    else Jacobi that hands the rest of the block to the sequential sampler as soon as it has spent more than
-    decoding its finished tokens one by one would have, plus one pass. So it is never slower than sequential by
-    more than about one pass per block, and with ``tol=0`` its result is the sequential one (up to rounding).
+    ``"auto"`` chooses per block, for the batch at hand, between the sequential sampler and Jacobi, from measured
+    costs (``models.inversion_costs``): sequential outright where a full pass costs too many one-token steps, else
+    Jacobi that hands the rest of the block to the sequential sampler once it has spent more than decoding its
+    finished tokens one by one would have, plus a margin; a block where Jacobi lost stays sequential for that
+    batch shape. With ``tol=0`` its result is the sequential one (up to rounding).
     ``costs``: the ``CostModel`` it decides with; ``None`` = measured once per batch shape and device.
     """
 
@@ -127,6 +128,7 @@ class BlockStats:
     passes: int
     token_evals: int
     capped: bool = False
+    cost: float | None = None  # "auto": the cost model's estimate of what the block took (its units)
 
 
 @dataclass(frozen=True)
@@ -158,15 +160,35 @@ def _gs_jacobi(block: FlowBlock, z: torch.Tensor, inputs: _BlockInputs, settings
                            module_size=settings.module_size if tough else None)
 
 
+# What Jacobi cost on a block last time, relative to the sequential sampler, per batch shape and settings
+# (``method="auto"``): the block → {key: ratio}. Weak keys: a model that goes away takes its history with it.
+_HISTORY: "weakref.WeakKeyDictionary[FlowBlock, dict[tuple, float]]" = weakref.WeakKeyDictionary()
+PROBE_SLACK = 1.0   # a block's first Jacobi run may cost up to (1 + this) × sequential before it hands over
+KNOWN_SLACK = 0.25  # once Jacobi has been the cheaper one on a block, the margin for an unlucky batch
+
+
 def _auto(block: FlowBlock, z: torch.Tensor, inputs: _BlockInputs, settings: InversionSettings,
           k: int) -> tuple[torch.Tensor, BlockStats]:
+    """Sequential where Jacobi could only win with fewer passes than blocks need (compute-bound); else Jacobi, unless
+    it cost more than sequential the last time on this block with this batch shape and these settings. Jacobi's
+    progress is uneven (a slow start, then many tokens at once), so the first run may overspend by
+    ``PROBE_SLACK`` before it hands over; later runs by ``KNOWN_SLACK``."""
     x = block.permute(z)
     costs = settings.costs or measured_costs(
         block, x, inputs, lambda start, end: _affine_chunk(block, x, start, end, inputs, start + 1))
-    if not costs.worth_iterating:
+    T = z.shape[1]
+    w = inputs.guidance_weights
+    key = (inputs.kv_cache.shape[2], T, settings.tol, settings.max_iters, settings.window, settings.init_for(k),
+           None if w is None else float(w.sum()), inputs.q_scale is not None, costs)
+    seen = _HISTORY.setdefault(block, {})
+    if not costs.worth_iterating or seen.get(key, 0.0) >= 1.0:
         return _sequential(block, z, inputs, settings, k)
-    window = settings.window or costs.window
-    return _modular_jacobi(block, z, inputs, settings, k, "jacobi", module_size=None, window=window, guard=costs)
+    sequential = (T - 1) * costs.step
+    slack = (PROBE_SLACK if key not in seen else KNOWN_SLACK) * sequential
+    x, stats = _modular_jacobi(block, z, inputs, settings, k, "jacobi", module_size=None,
+                               guard=(costs, slack))
+    seen[key] = float("inf") if stats.method != "jacobi" else stats.cost / sequential
+    return x, stats
 
 
 Inverter = Callable[[FlowBlock, torch.Tensor, _BlockInputs, InversionSettings, int],
@@ -213,7 +235,7 @@ def _affine_chunk(block: FlowBlock, x: torch.Tensor, start: int, end: int, input
 
 def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, settings: InversionSettings,
                     k: int, method: str, module_size: int | None, window: int | None = None,
-                    guard: CostModel | None = None) -> tuple[torch.Tensor, BlockStats]:
+                    guard: tuple[CostModel, float] | None = None) -> tuple[torch.Tensor, BlockStats]:
     """Jacobi over modules of ``module_size`` tokens (None: one module of all tokens), solved in order.
 
     State: tokens < ``s`` (the frontier) are final; cache slots < ``cached`` hold final tokens' keys and values.
@@ -224,8 +246,8 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
     starts there (recomputing them without updating them). When a module reaches ``max_iters`` passes its
     current iterate is accepted as final.
 
-    ``guard``: hand the rest of the block to the sequential sampler once the passes have cost more than decoding
-    the finished tokens one by one, plus one pass (``method="auto"``).
+    ``guard`` (costs, slack): hand the rest of the block to the sequential sampler once the passes have cost more
+    than decoding the finished tokens one by one would have, plus ``slack`` (``method="auto"``).
     """
     z = block.permute(z_in)
     B, T, _ = z.shape
@@ -239,8 +261,9 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
     capped = False
     spent = 0.0
     while s < T:
-        if guard is not None and spent > (s - 1) * guard.step + guard.pass_cost(window):
-            return _finish_sequentially(block, x, z, s, cached, inputs, k, passes, token_evals)
+        if guard is not None and spent > (s - 1) * guard[0].step + guard[1]:
+            return _finish_sequentially(block, x, z, s, cached, inputs, k, passes, token_evals,
+                                        spent + (T - s) * guard[0].step)
         if module_passes >= cap:  # the cap: accept the module's current iterate and move on
             capped = True
             s = module_end
@@ -258,7 +281,7 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
             module_passes += 1
             token_evals += e - 1 - cached
             if guard is not None:
-                spent += guard.pass_cost(e - 1 - cached)
+                spent += guard[0].pass_cost(e - 1 - cached)
             cached = s
             # token s is exact (its inputs were final); then the prefix of changes <= tol (NaN counts as > tol)
             over = ~(change[1:] <= settings.tol)
@@ -267,12 +290,12 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
             s += 1
         if s >= module_end:
             module_end, module_passes = min(s + span, T), 0
-    return block.permute(x), BlockStats(k, method, passes, token_evals, capped)
+    return block.permute(x), BlockStats(k, method, passes, token_evals, capped, spent if guard else None)
 
 
 def _finish_sequentially(block: FlowBlock, x: torch.Tensor, z: torch.Tensor, s: int, cached: int,
-                         inputs: _BlockInputs, k: int, passes: int,
-                         token_evals: int) -> tuple[torch.Tensor, BlockStats]:
+                         inputs: _BlockInputs, k: int, passes: int, token_evals: int,
+                         cost: float) -> tuple[torch.Tensor, BlockStats]:
     """Tokens >= s by the sequential sampler, from a Jacobi state (tokens < s final, cache slots < cached valid)."""
     T = x.shape[1]
     if cached < s - 1:  # the slots of tokens frozen in the last pass were written from their values before it
@@ -280,7 +303,7 @@ def _finish_sequentially(block: FlowBlock, x: torch.Tensor, z: torch.Tensor, s: 
     x[:, s:] = z[:, s:]  # the sequential recursion starts from the latent
     block.decode_from(x, s - 1, inputs.rows_bias, inputs.kv_cache, inputs.guidance_weights, inputs.q_scale)
     steps = T - s
-    return block.permute(x), BlockStats(k, "jacobi+sequential", passes + steps, token_evals + steps)
+    return block.permute(x), BlockStats(k, "jacobi+sequential", passes + steps, token_evals + steps, cost=cost)
 
 
 def _token_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

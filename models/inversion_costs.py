@@ -4,9 +4,9 @@ A parallel (Jacobi) pass over n tokens costs about as much as one one-token deco
 latency-bound (small batches on a CPU; most batches on a GPU), and about n steps once it is compute-bound. So
 whether Jacobi can beat the sequential sampler depends on the batch at hand, not on the model alone: ``auto``
 times, once per batch shape and device, one decode step and one chunked pass of each size in a ladder 1, 2, 4, ...,
-and keeps the result for the rest of the process. Timings vary from run to run, so ``auto``'s choices (and with
-``tol > 0`` its samples, within the tolerance) can differ between processes; pass a ``CostModel`` explicitly
-(``TarFlow.reverse(..., costs=...)``) to pin them.
+T-1 (as the frontier advances, passes get shorter), and keeps the result for the rest of the process. Timings vary
+from run to run, so ``auto``'s choices (and with ``tol > 0`` its samples, within the tolerance) can differ between
+processes; pass a ``CostModel`` explicitly (``TarFlow.reverse(..., costs=...)``) to pin the measurement.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-# A window is worth iterating over while a pass over it costs at most this many one-token passes: beyond that the
-# device is compute-bound and extra tokens in a pass are paid for in full.
-LATENCY_BOUND = 2.0
-MIN_WINDOW = 4  # below this, a Jacobi pass cannot finalise tokens faster than decoding them one by one
+# Jacobi is worth trying on a block only if it could win with this many full passes or more: the blocks of trained
+# models need 6-30 (digits T=16, photos T=64, measured: bench/sample.py).
+MIN_BREAK_EVEN_PASSES = 4.0
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,13 @@ class CostModel:
         return self.chunk[-1] * tokens / self.sizes[-1]
 
     @property
-    def window(self) -> int:
-        """The largest measured pass size that is still latency-bound (see ``LATENCY_BOUND``)."""
-        return max(size for size, cost in zip(self.sizes, self.chunk) if cost <= LATENCY_BOUND * self.chunk[0])
+    def break_even_passes(self) -> float:
+        """How many passes over the whole sequence cost as much as decoding it token by token."""
+        return self.sizes[-1] * self.step / self.chunk[-1]
 
     @property
     def worth_iterating(self) -> bool:
-        return self.window >= MIN_WINDOW
+        return self.break_even_passes >= MIN_BREAK_EVEN_PASSES
 
 
 _MEASURED: dict[tuple, CostModel] = {}

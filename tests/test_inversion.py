@@ -214,7 +214,7 @@ def test_auto_decodes_sequentially_where_a_pass_costs_as_much_as_its_tokens(cond
     """Compute-bound (a pass over n tokens costs n steps): no window pays, so every block is the exact sequential
     sampler, bit for bit."""
     compute_bound = CostModel(step=1.0, sizes=SIZES, chunk=tuple(float(n) for n in SIZES))
-    assert compute_bound.window == 2 and not compute_bound.worth_iterating
+    assert compute_bound.break_even_passes == 1 and not compute_bound.worth_iterating
     noise, stats = tiny_noise(), []
     got = cond64.reverse(noise, guidance=1.0, method="auto", costs=compute_bound, stats=stats)
     assert torch.equal(got, cond64.reverse(noise, guidance=1.0))
@@ -222,15 +222,20 @@ def test_auto_decodes_sequentially_where_a_pass_costs_as_much_as_its_tokens(cond
 
 
 def test_auto_hands_a_slow_block_to_the_sequential_sampler_and_stays_exact(cond64):
-    """Latency-bound, but each pass costs 10 steps: Jacobi may keep going only while it finishes tokens at least as
-    fast as decoding them would (plus one pass of slack). tol=0 on a model far from the identity needs many passes,
-    so the guard hands over mid-block; the result is still the sequential one."""
-    slow_passes = CostModel(step=1.0, sizes=SIZES, chunk=(10.0,) * len(SIZES))
-    assert slow_passes.window == T - 1 and slow_passes.worth_iterating
+    """A pass costs 3 steps (break-even at 5 passes): Jacobi may keep going only while it finishes tokens about as
+    fast as decoding them would (plus the probe's margin of one sequential block). tol=0 finishes about one token
+    per pass, so the guard hands over mid-block; the result is still the sequential one."""
+    slow_passes = CostModel(step=1.0, sizes=SIZES, chunk=(3.0,) * len(SIZES))
+    assert slow_passes.break_even_passes == 5 and slow_passes.worth_iterating
     noise, stats = tiny_noise(), []
     got = cond64.reverse(noise, guidance=1.0, method="auto", tol=0.0, costs=slow_passes, stats=stats)
     torch.testing.assert_close(got, cond64.reverse(noise, guidance=1.0), rtol=0, atol=1e-12)
     assert {s.method for s in stats} == {"jacobi+sequential"}
+    # it remembers: the next batch of this shape goes to the sequential sampler straight away, bit for bit
+    stats = []
+    again = cond64.reverse(noise, guidance=1.0, method="auto", tol=0.0, costs=slow_passes, stats=stats)
+    assert torch.equal(again, cond64.reverse(noise, guidance=1.0))
+    assert [(s.method, s.passes) for s in stats] == [("sequential", T - 1)] * 2
     # where passes are cheap, the same blocks run as Jacobi to the end
     free_passes = CostModel(step=1.0, sizes=SIZES, chunk=(0.01,) * len(SIZES))
     stats = []
