@@ -252,6 +252,7 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
     z = block.permute(z_in)
     B, T, _ = z.shape
     x = _initial_iterate(z, settings.init_for(k))
+    _bound_(x[:, 1:])
     span = T - 1 if module_size is None else module_size
     window = window or settings.window or T
     cap = T - 1 if settings.max_iters is None else settings.max_iters
@@ -260,6 +261,7 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
     passes = token_evals = 0
     capped = False
     spent = 0.0
+    doomed = torch.zeros(B, dtype=torch.bool, device=z.device)  # rows non-finite at a final token
     while s < T:
         if guard is not None and spent > (s - 1) * guard[0].step + guard[1]:
             return _finish_sequentially(block, x, z, s, cached, inputs, k, passes, token_evals,
@@ -275,7 +277,9 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
                 new = z_t + b
             else:
                 new = torch.addcmul(b, z_t, torch.exp(at_least_fp32(a)).to(a.dtype))
-            change = _token_change(new, x[:, s:e])
+            # token s is exact: a row non-finite there is non-finite in the sequential result too
+            doomed |= ~torch.isfinite(new[:, 0]).all(dim=-1)
+            change = _token_change(new, x[:, s:e], doomed)
             x[:, s:e] = new
             passes += 1
             module_passes += 1
@@ -288,6 +292,8 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
             if over.numel():
                 s += int(torch.where(over.any(), over.int().argmax(), over.numel()))  # one host sync a pass
             s += 1
+            if s < e:
+                _bound_(x[:, s:e])
         if s >= module_end:
             module_end, module_passes = min(s + span, T), 0
     return block.permute(x), BlockStats(k, method, passes, token_evals, capped, spent if guard else None)
@@ -306,13 +312,22 @@ def _finish_sequentially(block: FlowBlock, x: torch.Tensor, z: torch.Tensor, s: 
     return block.permute(x), BlockStats(k, "jacobi+sequential", passes + steps, token_evals + steps, cost=cost)
 
 
-def _token_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Largest |new − old| per token over rows and features, in float32 (at least), (n,). Rows whose new value is
-    not finite are left out, so that one overflowing sample does not hold back the others; such rows stay
-    non-finite in the output, as with the sequential sampler, and the caller redraws them."""
-    delta = (at_least_fp32(new) - at_least_fp32(old)).abs()
-    finite_rows = torch.isfinite(new).flatten(1).all(dim=1)
-    # A masked where, not boolean indexing: no host sync. A finite row whose previous value was not gives NaN,
-    # which the caller counts as not converged.
-    return torch.where(finite_rows[:, None, None], delta, 0).amax(dim=(0, 2))
+# Tokens that are not final yet are guesses; one that overflows (a ≈ 57 on a trained model's first passes) would
+# reach the final tokens through the attention (0 · inf = NaN at a masked position) and their LayerNorm. Bounding
+# the guesses changes no final token: those are computed from final tokens only.
+ITERATE_BOUND = 1e6
 
+
+def _bound_(guesses: torch.Tensor) -> None:
+    """In place: non-final iterate values finite and within ±ITERATE_BOUND."""
+    torch.nan_to_num(guesses, nan=0.0, posinf=ITERATE_BOUND, neginf=-ITERATE_BOUND, out=guesses)
+    guesses.clamp_(-ITERATE_BOUND, ITERATE_BOUND)
+
+
+def _token_change(new: torch.Tensor, old: torch.Tensor, doomed: torch.Tensor) -> torch.Tensor:
+    """Largest |new − old| per token over rows and features, in float32 (at least), (n,). ``doomed`` rows (non-finite
+    at a final token, as they are with the sequential sampler; the caller redraws them) are left out, so that one
+    overflowing sample does not hold back the others. A non-finite guess of any other row gives NaN: not converged."""
+    delta = (at_least_fp32(new) - at_least_fp32(old)).abs()
+    # a masked where, not boolean indexing: no host sync
+    return torch.where(doomed[:, None, None], 0, delta).amax(dim=(0, 2))

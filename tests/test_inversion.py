@@ -185,6 +185,22 @@ def test_non_finite_rows_do_not_hold_back_the_others(cond64):
     torch.testing.assert_close(bad[1:], clean, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["jacobi", "gs-jacobi"])
+def test_an_overflowing_guess_does_not_reach_the_tokens_before_it(method):
+    """A latent of 1e30 at token 10: the sequential result is finite up to token 10 and non-finite after it (the
+    LayerNorm of such a token overflows). A Jacobi guess holds it from the first pass; unbounded, it would reach
+    tokens 1..9 through the attention's masked positions (0 · inf = NaN) and the row would be lost, so the guesses
+    are bounded: tokens 0..10 equal the sequential ones, exactly as the causality bound says."""
+    model = perturbed(TarFlowConfig(**{**TINY, "num_blocks": 1}, num_classes=4), dtype=torch.float32)
+    noise = tiny_noise(2, dtype=torch.float32)
+    noise[0, 10] = 1e30
+    expected = model.patchify(model.reverse(noise, guidance=1.0))
+    got = model.patchify(model.reverse(noise, guidance=1.0, method=method, tol=0.0, module_size=4))
+    assert torch.isfinite(expected[0, :11]).all() and not torch.isfinite(expected[0, 11:]).all()
+    torch.testing.assert_close(got[0, :11], expected[0, :11], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_autocast_runs_and_is_close(golden_model, golden):
     noise, y = golden["noise"], golden["y"]
     kwargs = dict(guidance=1.5, attn_temp=0.5, annealed_guidance=True)
