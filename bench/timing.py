@@ -10,15 +10,25 @@ from typing import Callable, Sequence
 def interleaved_best(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
     """Best wall time of each function over ``repeats`` rounds, the functions alternating within a round, so that
     background load hits all of them alike; the minimum is the least disturbed run. One warm-up round first."""
+    return interleaved_rounds(fns, repeats)[0]
+
+
+def interleaved_rounds(fns: Sequence[Callable[[], object]], repeats: int,
+                       budget_s: float | None = None) -> tuple[list[float], int]:
+    """``interleaved_best``, with the number of timed rounds cut to fit ``budget_s`` seconds as estimated from the
+    warm-up round (at least one). Returns (best seconds per function, rounds timed)."""
+    start = time.perf_counter()
     for fn in fns:
         fn()
+    warm = time.perf_counter() - start
+    rounds = repeats if budget_s is None else max(1, min(repeats, int(budget_s / max(warm, 1e-9))))
     best = [float("inf")] * len(fns)
-    for _ in range(repeats):
+    for _ in range(rounds):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
+            t0 = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best, rounds
 
 
 def cpu_benchmark_args(doc: str, repeats: int, **extra: float) -> argparse.Namespace:

@@ -102,7 +102,7 @@ def test_a_guidance_sweep_on_two_ranks_equals_one_process(files, tmp_path, capsy
         assert b["classifier_fd"] == pytest.approx(a["classifier_fd"], rel=1e-5)
         assert b["sample_bits_per_dim"] == pytest.approx(a["sample_bits_per_dim"], rel=1e-4)
     header, *rows = (root / "two" / "sweep.csv").read_text().splitlines()
-    assert header.endswith("class_accuracy,classifier_fd,precision,recall") and len(rows) == 2
+    assert "class_accuracy,classifier_fd,precision,recall" in header and len(rows) == 2
     assert (root / "two" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert not list((root / "two").glob("samples_*_stats.*"))  # no FID network: no FID statistics
 
