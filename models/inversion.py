@@ -234,7 +234,7 @@ def _affine_chunk(block: FlowBlock, x: torch.Tensor, start: int, end: int, input
 
 
 def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, settings: InversionSettings,
-                    k: int, method: str, module_size: int | None, window: int | None = None,
+                    k: int, method: str, module_size: int | None,
                     guard: tuple[CostModel, float] | None = None) -> tuple[torch.Tensor, BlockStats]:
     """Jacobi over modules of ``module_size`` tokens (None: one module of all tokens), solved in order.
 
@@ -254,7 +254,7 @@ def _modular_jacobi(block: FlowBlock, z_in: torch.Tensor, inputs: _BlockInputs, 
     x = _initial_iterate(z, settings.init_for(k))
     _bound_(x[:, 1:])
     span = T - 1 if module_size is None else module_size
-    window = window or settings.window or T
+    window = settings.window or T
     cap = T - 1 if settings.max_iters is None else settings.max_iters
     s, cached = 1, 0
     module_end, module_passes = min(1 + span, T), 0

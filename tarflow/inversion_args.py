@@ -21,7 +21,7 @@ def add_inversion_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iters", type=int, default=0, help="parallel methods: passes per block (gs-jacobi: per "
                                                             "module); 0: T-1, enough to be exact")
     p.add_argument("--window", type=int, default=0, help="jacobi: tokens updated per pass after the finished ones "
-                                                         "(0: all; auto: its measured choice)")
+                                                         "(0: all)")
     p.add_argument("--module-size", type=int, default=0, help="gs-jacobi: tokens per module (0: one module)")
 
 

@@ -14,7 +14,7 @@ def test_pass_cost_is_the_smallest_measured_size_that_holds_the_tokens():
     assert [costs.pass_cost(n) for n in (1, 2, 3, 4, 5, 8, 15)] == [1.0, 1.1, 1.5, 1.5, 3.0, 3.0, 6.0]
     assert costs.pass_cost(30) == pytest.approx(12.0)  # linear beyond the largest
     assert costs.break_even_passes == 2.5  # 15 steps of 1.0 = 2.5 full passes of 6.0
-    assert not costs.worth_iterating and MIN_BREAK_EVEN_PASSES == 4
+    assert costs.break_even_passes < MIN_BREAK_EVEN_PASSES and not costs.worth_iterating
     assert CostModel(step=1.0, sizes=SIZES, chunk=(1.0, 1.0, 1.0, 1.5, 3.0)).worth_iterating  # 5 passes
 
 

@@ -110,7 +110,7 @@ class SampleConfig:
     method: str = "sequential"  # block inversion: sequential (exact) | jacobi | gs-jacobi | auto (models.inversion)
     tol: float = 1e-4     # parallel methods: a token is final once a pass moves it by <= tol
     max_iters: int = 0    # parallel methods: passes per block; 0: T-1 (enough to be exact)
-    window: int = 0       # jacobi: tokens updated per pass after the finished ones; 0: all (auto: its own choice)
+    window: int = 0       # jacobi, auto: tokens updated per pass after the finished ones; 0: all
 
 
 @dataclass
