@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
-import torch
-
+from .batch import Batch
 from .config import DataConfig
 from .embedded import EmbeddedImages, load_embedded, split_heldout
 from .manifest import read_manifest
@@ -30,7 +29,10 @@ class Loader(Protocol):
     def epoch(self) -> int: ...
     @property
     def skipped_corrupt(self) -> int: ...  # samples skipped as undecodable (data.skip_corrupt)
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    @property
+    def index_ordered(self) -> bool: ...  # heldout: each rank's indices only increase (evaluation may stop early)
+    def __iter__(self) -> Iterator[Batch]: ...
+    def rewind(self) -> None: ...  # back to the start of the current epoch (evaluation reads the same images)
     def state_dict(self) -> dict[str, int]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -39,12 +41,13 @@ class Loader(Protocol):
 class DataFormat:
     """One storage format: how to build a loader, and what its images look like without loading batches."""
 
-    build: Callable[..., Loader]  # (cfg, split, batch_size, *, seed, rank, world_size) -> Loader
+    build: Callable[..., Loader]  # (cfg, split, batch_size, *, seed, rank, world_size, global_batch) -> Loader
     info: Callable[[DataConfig], tuple[tuple[int, int, int], int]]  # cfg -> ((C, H, W), num_classes)
 
 
 def _build_embedded(
-    cfg: DataConfig, split: str, batch_size: int, *, seed: int, rank: int, world_size: int
+    cfg: DataConfig, split: str, batch_size: int, *, seed: int, rank: int, world_size: int,
+    global_batch: int | None = None,
 ) -> InMemoryLoader:
     data = load_embedded(cfg.source)
     # The split uses cfg.split_seed, never the training seed: bits/dim stay comparable across runs.
@@ -54,7 +57,7 @@ def _build_embedded(
     return InMemoryLoader(
         data.images[idx], data.labels[idx], batch_size,
         seed=seed, shuffle=train, repeat=train, drop_last=train, random_flip=train and cfg.random_flip,
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, global_batch=global_batch,
     )
 
 
@@ -85,11 +88,20 @@ def _format(cfg: DataConfig) -> DataFormat:
 
 
 def build_loader(
-    cfg: DataConfig, split: str, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+    cfg: DataConfig, split: str, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+    global_batch: int | None = None,
 ) -> Loader:
-    """``train``: shuffled, endless, drop_last, flips per cfg. ``heldout``: natural order, one epoch, all samples."""
+    """``train``: shuffled, endless, drop_last, flips per cfg. ``heldout``: natural order, one epoch, all samples.
+
+    ``global_batch`` (train): the samples of one optimizer step over all ranks, micro-batches included (``None``:
+    ``batch_size × world_size``). An epoch is cut into whole global batches, so that every step's samples are the
+    same whatever the ranks, workers and micro-batch (``resumable``)."""
     check_split(split)
-    return _format(cfg).build(cfg, split, batch_size, seed=seed, rank=rank, world_size=world_size)
+    if global_batch is not None and (global_batch < 1 or global_batch % (batch_size * world_size)):
+        raise ValueError(f"global_batch={global_batch} is not a multiple of batch_size × world_size = "
+                         f"{batch_size} × {world_size}")
+    return _format(cfg).build(cfg, split, batch_size, seed=seed, rank=rank, world_size=world_size,
+                              global_batch=global_batch)
 
 
 def dataset_info(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
@@ -98,6 +110,6 @@ def dataset_info(cfg: DataConfig) -> tuple[tuple[int, int, int], int]:
 
 
 __all__ = [
-    "DataConfig", "DataFormat", "EmbeddedImages", "FORMATS", "InMemoryLoader", "Loader", "ResumableLoader", "SPLITS",
-    "build_loader", "dataset_info", "load_embedded", "split_heldout",
+    "Batch", "DataConfig", "DataFormat", "EmbeddedImages", "FORMATS", "InMemoryLoader", "Loader", "ResumableLoader",
+    "SPLITS", "build_loader", "dataset_info", "load_embedded", "split_heldout",
 ]

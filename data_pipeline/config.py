@@ -26,5 +26,11 @@ class DataConfig:
     num_workers: int = 0           # loader worker processes per rank
     shuffle_buffer: int = 1000     # webdataset: samples in the shuffle buffer (after shard shuffling)
     cache_dir: str = ""            # mds: local cache of downloaded shards ("" : a temporary directory)
-    num_canonical_nodes: int = 0   # mds: streaming's shuffle/partition unit (0: streaming's default)
+    num_canonical_nodes: int = 1   # mds: streaming's shuffle/partition unit, fixed for the run (0 also means 1)
     skip_corrupt: bool = False     # skip (and count) undecodable samples instead of failing
+    # webdataset training: the sample sequence is read as this many streams, each through its own shuffle buffer;
+    # a global batch takes the same number of samples from each, so it must divide the global batch and be a
+    # multiple of the number of ranks. It fixes the order of samples: keep it for a run (0: the largest divisor of
+    # the global batch that is at most a quarter of the number of shards and at most 64)
+    streams: int = 0
+    verify: str = "size"           # shards vs manifest before reading: "size" (present, same size), "sha256", "none"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .storage import DataSourceError, is_s3, join, list_sizes, read_text
+from .verify import check_shard_digests, check_shard_sizes, check_verify_mode
 
 INDEX_NAME = "index.json"
 COLUMNS = {"key": "str", "image": "bytes", "label": "int"}
@@ -38,8 +39,19 @@ class SplitInfo:
     all_have_sha1: bool
 
 
-def read_split(uri: str, split: str) -> SplitInfo:
-    """Manifest, index and shard files of a split, checked against each other before streaming reads them."""
+def _check_present(split_uri: str, names: list[str], index_uri: str) -> None:
+    present = list_sizes(split_uri)
+    missing = [n for n in names if n not in present]
+    if missing:
+        more = " ..." if len(missing) > 5 else ""
+        raise DataSourceError(f"{len(missing)} shard file(s) listed in {index_uri} are missing: "
+                              + ", ".join(join(split_uri, n) for n in missing[:5]) + more)
+
+
+def read_split(uri: str, split: str, verify: str = "size") -> SplitInfo:
+    """Manifest, index and shard files of a split, checked against each other before streaming reads them; the
+    shards' sizes (and with ``verify="sha256"`` their digests, read up front) against the manifest (``verify``)."""
+    check_verify_mode(verify)
     split_uri = join(uri, split)
     manifest_uri, index_uri = join(split_uri, MANIFEST_NAME), join(split_uri, INDEX_NAME)
     manifest = read_manifest(uri, split, "mds")
@@ -64,16 +76,15 @@ def read_split(uri: str, split: str) -> SplitInfo:
     if listed != list(zip(names, counts)):
         raise ValueError(f"{manifest_uri} and {index_uri} disagree on the shards (manifest: {len(listed)} shards, "
                          f"{manifest.num_samples} samples; index: {len(names)} shards, {sum(counts)} samples)")
-    present = list_sizes(split_uri)
-    missing = [n for n in names if n not in present]
-    if missing:
-        more = " ..." if len(missing) > 5 else ""
-        raise DataSourceError(f"{len(missing)} shard file(s) listed in {index_uri} are missing: "
-                              + ", ".join(join(split_uri, n) for n in missing[:5]) + more)
-    for name, size in zip(names, sizes):
-        if present[name] != size:
-            raise ValueError(f"{join(split_uri, name)} has {present[name]} bytes but {index_uri} says {size} "
-                             "(truncated or replaced?)")
+    if [s.bytes for s in manifest.shards] != sizes:
+        raise ValueError(f"{manifest_uri} and {index_uri} disagree on the shards' sizes; rewrite the split with "
+                         "`tarflow data write`")
+    if verify == "none":  # still every shard present: streaming would hang or run short on a missing one
+        _check_present(split_uri, names, index_uri)
+    else:
+        check_shard_sizes(split_uri, manifest, verify)
+    if verify == "sha256":
+        check_shard_digests(split_uri, manifest)
     return SplitInfo(manifest, index_text, names, counts, all_have_sha1)
 
 

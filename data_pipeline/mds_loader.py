@@ -1,8 +1,10 @@
-"""``data.format=mds``: MDS shards read with mosaicml-streaming, data-parallel and exactly resumable.
+"""``data.format=mds``: MDS shards read with mosaicml-streaming, data-parallel, elastic and exactly resumable.
 
 The reader is streaming's own machinery: ``streaming.StreamingDataset`` (its shuffle, partition over nodes, ranks
 and workers, ``num_canonical_nodes``, local shard cache, S3 download) and its ``state_dict``/``load_state_dict``.
-Our codec decodes images and our transforms run inside the DataLoader workers (``cfg.num_workers``).
+Our codec decodes images and our transforms run inside the DataLoader workers (``cfg.num_workers``). Batches are
+``batch.Batch``; their ``indices`` are streaming's sample ids, which number the split's samples in the shard order
+of ``index.json`` (the manifest's): a sample's index is the same on every launch and in every epoch.
 
 Layout read (written by ``data_pipeline.writer``): ``URI/<split>/index.json`` (streaming's), ``shard.NNNNN.mds``
 and ``manifest.json`` (ours: image shape, encoding, classes). Before streaming sees anything, the manifest, the
@@ -10,36 +12,61 @@ index and the shard listing are checked against each other (``mds_layout``), so 
 endpoint fails at construction with ``DataSourceError`` (or a ``ValueError`` naming the file), not as a hang or a
 short epoch.
 
-**Train** (shuffled, endless). Streaming orders an epoch as one global sequence (fixed by the shuffle seed, the
-epoch, ``num_canonical_nodes`` and the shard sizes); node ``n`` takes every P-th entry, rank ``r`` of the node every
-R-th entry of that, and cuts it into batches of ``batch_size``. It pads the sequence with *repeated* samples so that
-every rank gets ``ceil(N / world)`` (and repeats a few more when ``num_canonical_nodes`` does not divide N). We do
-as the in-memory loader does with ``drop_last``: every rank yields ``batches_per_epoch`` full batches, the largest
-count ≤ ``N // (world * batch_size)`` whose global steps hold no repeated sample (computed once from streaming's
-own partition function; the shuffle is a permutation, so where repeats sit does not depend on the epoch). Within
-an epoch every sample is therefore read at most once across ranks, and the samples left out are the end of the
-epoch's shuffled order (different samples each epoch). The rest of streaming's epoch is read and discarded, so
-that its workers always finish an epoch normally (they are never killed in the middle of a shard download).
+**Train** (shuffled, endless), read from streaming's source (0.13). Streaming lays an epoch out as one global
+order of positions (``mds_streaming.canonical_order``: the samples split into ``num_canonical_nodes`` contiguous
+rows, read column by column) and maps positions to sample ids by its shuffle, a permutation fixed by the shuffle
+seed, the epoch, ``num_canonical_nodes``, the shuffle block size and the shard sizes — not by the launch. With P
+nodes of R ranks (W = PR), node ``n`` takes every P-th entry and its rank ``q`` every R-th of those, so rank
+``n + qP`` (in that numbering) reads entries ``n + qP, n + qP + W, ...``, cut into batches of ``batch_size`` and
+dealt to its workers in turn (the DataLoader takes them back in turn, so a rank's batches do not depend on
+``num_workers``). Batch j of all ranks together is therefore entries ``j·B·W ... (j+1)·B·W`` of the order, and
+optimizer step k (A micro-batches per rank, global batch G = B·W·A) is entries ``k·G ... (k+1)·G``: **the samples
+of step k are the same set whatever W, B, A (with B·W·A = G), the ranks per machine and ``num_workers``** (their
+order within the step and which rank holds which sample do change). Streaming pads only past the first
+``num_canonical_nodes × ceil(N / num_canonical_nodes)`` entries (repeats so that every rank gets as many, -1 for
+workers), and repeats a few samples in that prefix's last column when ``num_canonical_nodes`` does not divide N.
+Every rank yields ``batches_per_epoch`` full batches: whole steps of G, as many as the order holds before its first
+repeated sample (at most ``N // G``; ``train_steps_per_epoch``, a function of N, ``num_canonical_nodes`` and G
+only, so every launch of the same G has the same steps per epoch and the epochs start at the same step). Within
+an epoch every sample is read at most once; the samples left out are the end of the epoch's shuffled order
+(different ones each epoch). The constructor checks these claims on streaming's own partition function for its
+launch (``check_partition``; a RuntimeError if a streaming version deals differently). The rest of streaming's
+epoch is read and discarded, so that its workers always finish an epoch normally (never killed in the middle of a
+shard download).
+
+Limits. ``num_canonical_nodes`` must stay the same for the whole run (it is part of the state's identity; the
+default, 1, is fixed — streaming's own default, the machine count of the first launch, is not used) and streaming
+partitions only over a machine count P (``WORLD_SIZE / LOCAL_WORLD_SIZE``; without ``LOCAL_WORLD_SIZE`` every rank
+is a machine) that divides it or is a multiple of it: other launches are refused at construction. With 1 canonical
+node any launch fits, but on P machines every machine reads from every shard; a value that is a multiple of every
+machine count the run will use lets each machine download only its 1/P of the shards. Steps are the same sets,
+not the same batches: a rank's micro-batch holds other samples on another launch, so per-sample randomness must be
+keyed by the sample's index (``Batch.indices``), never by the rank or position. Bitwise equality of a training
+run across launches further needs the trainer's reductions to be order-independent, which this loader cannot give.
 
 **Heldout** (natural order, one epoch per ``for`` loop). Streaming's padding would make ranks read some samples
 twice, so heldout does not iterate streaming's partition: rank ``r`` reads the samples ``r, r + W, r + 2W, ...`` of
 the split by random access (``StreamingDataset[i]``, which downloads/caches the shard). The ranks together read
 every sample exactly once; a rank's last batch may be smaller (as the in-memory loader without ``drop_last``).
+After b batches of B on W ranks the first b·B·W samples are read, so a heldout state resumes on another launch too.
 
-**Resumption** (read from streaming's source, 0.13): ``StreamingDataset.state_dict(num_samples, from_beginning)``
-records ``{epoch, sample_in_epoch, num_canonical_nodes, shuffle_seed, initial_physical_nodes}``;
+**Resumption**, also onto another launch (``elastic``). ``StreamingDataset.state_dict(num_samples,
+from_beginning)`` records ``{epoch, sample_in_epoch, num_canonical_nodes, shuffle_seed, initial_physical_nodes}``;
 ``load_state_dict`` puts it in shared memory where the next ``__iter__`` (in every worker) picks it up and drops
-the first ``sample_in_epoch`` entries of the epoch's global sequence before partitioning the rest. That is exact
-when ``sample_in_epoch`` counts whole global steps (``batches × batch_size × world_size``: every rank consumed the
-same number of batches, as lockstep data-parallel training does) and the resumed run has the same world (nodes ×
-ranks per node), ``batch_size``, seed, ``num_canonical_nodes`` and shard layout — then each rank's remaining
-sequence is exactly its old sequence minus the consumed batches. ``num_workers`` does *not* matter: a rank's
-sequence is dealt to its workers batch by batch and the DataLoader collects them round-robin, so a rank yields the
-same batches for any number of workers (tested: save with 2 workers, resume with 0). We count batches ourselves
-(not ``StreamingDataLoader``'s sample count, which would be off when corrupt samples are skipped or the epoch is
-cut) and check the identity above on ``load_state_dict``. Streaming takes the epoch from a shared counter that is
--1 before the first iteration and already points at the next epoch at a boundary, so the saved ``epoch`` is ours
-and we set streaming's counter to it before each epoch.
+the first ``sample_in_epoch`` entries of the epoch's order before dealing the rest as above (``initial_physical_
+nodes`` only matters to streaming when P and ``num_canonical_nodes`` do not divide one another, which is refused).
+Our state holds ``batches_in_epoch`` with the ``batch_size`` and ``world_size`` that produced it; a loader resumed
+with B' on W' ranks continues after the ``batches × B × W`` samples consumed (``ResumableLoader``; refused unless
+B'·W' divides them — a state saved at a step boundary always qualifies for the same G), so the resumed run's step
+k holds the samples the uninterrupted run's step k held. Data, seed, ``num_canonical_nodes`` and the shuffle block
+size must match (the identity); ranks, ranks per machine, micro-batch and ``num_workers`` may change (tested: W=2
+with 1 worker resumed on W=1 and W=4 without workers; the same world with 2 workers resumed with 0). The global
+batch G is not part of the identity: a run resumed with another G continues from the same sample, cut in its new
+steps. We count batches ourselves (not ``StreamingDataLoader``'s sample count, which would be off when corrupt
+samples are skipped or the epoch is cut) and check streaming's part of the state and its partition from the resumed
+sample on ``load_state_dict``. Streaming takes the epoch from a shared counter that is -1 before the first iteration
+and already points at the next epoch at a boundary, so the saved ``epoch`` is ours and we set streaming's counter to
+it before each epoch.
 
 **Ranks, environment and cache.** streaming learns its place from ``RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``
 (``LOCAL_RANK``) and coordinates the ranks of one machine through shared memory named after the local cache
@@ -64,8 +91,9 @@ where /proc is unavailable).
 
 The parts: this module is the loader (its epoch plan and identity on top of ``resumable.ResumableLoader``, which
 owns position, roll-over and the state checks); ``mds_streaming`` holds the ``StreamingDataset`` subclass, the
-worker-side decoding and streaming's view of ranks, cache and shared memory; ``mds_layout`` reads and checks the
-split's files (local or S3). Imports nothing from models/, trainer/ or cluster/.
+worker-side decoding, streaming's partition as the plan reads it, and streaming's view of ranks, cache and shared
+memory; ``mds_layout`` reads and checks the split's files (local or S3). Imports nothing from models/, trainer/ or
+cluster/.
 """
 
 from __future__ import annotations
@@ -78,17 +106,22 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .batch import Batch
 from .codecs import CorruptSampleError
 from .config import DataConfig
 from .mds_layout import INDEX_NAME, check_s3_endpoints, digest, read_split
 from .mds_streaming import (
+    PARTITION_ALGO,
     Collate,
     Positions,
     SampleDecoder,
+    canonical_nodes,
+    check_partition,
     clean_stale_shared_memory,
     placement_from_env,
     shared_temp_dir,
     streaming_dataset_class,
+    train_steps_per_epoch,
     worker_init,
 )
 from .resumable import ResumableLoader, check_split
@@ -99,7 +132,6 @@ from .transforms import ImageTransform
 logger = logging.getLogger(__name__)
 
 SHUFFLE_ALGO = "py1e"
-PARTITION_ALGO = "relaxed"
 
 
 def _derive_shuffle_seed(seed: int) -> int:
@@ -109,36 +141,41 @@ def _derive_shuffle_seed(seed: int) -> int:
 
 
 class MDSLoader(ResumableLoader):
-    """Yields ``(images float32 (B,C,H,W) in [-1,1], labels int64 (B,))`` (plus the list of sample keys when
-    ``with_keys``) for one rank from ``cfg.uri/<split>/``.
+    """Yields ``Batch(images float32 (B,C,H,W) in [-1,1], labels int64 (B,), indices int64 (B,))`` for one rank
+    from ``cfg.uri/<split>/``; ``indices`` are streaming's sample ids (the split's order in ``index.json``).
 
-    ``train``: shuffled (streaming's shuffle, seeded from ``seed``), every rank ``batches_per_epoch`` full batches
-    per epoch, epochs forever, flips per ``cfg.random_flip``. ``heldout``: natural order, every sample exactly once
-    across ranks, one epoch per ``for`` loop (an interrupted loop continues where it stopped, a loop over a
-    finished epoch starts the next one). ``state_dict()`` after consuming a batch resumes after that batch.
+    ``train``: shuffled (streaming's shuffle, seeded from ``seed``), epochs forever, flips per ``cfg.random_flip``;
+    every rank yields ``batches_per_epoch`` full batches per epoch, a whole number of optimizer steps of
+    ``global_batch`` samples (micro-batch × ranks × accumulation; None: one micro-batch per rank), and step k holds
+    the same samples whatever the ranks, micro-batch and workers. ``heldout``: natural order, every sample exactly
+    once across ranks, one epoch per ``for`` loop (an interrupted loop continues where it stopped, a loop over a
+    finished epoch starts the next one). ``state_dict()`` after consuming a batch resumes after that batch, also
+    on another number of ranks or micro-batch (``elastic``).
 
     Undecodable samples raise ``CorruptSampleError`` (naming shard and key); with ``cfg.skip_corrupt`` they are
     left out of their batch (which is then smaller: positions never shift, so resumption stays exact) and counted in
     ``skipped_corrupt``. Call ``close()`` (or use ``with``) to stop streaming's threads and remove a temporary cache.
     """
 
+    elastic = True  # train: streaming's elastic partition; heldout: positions r, r + W, ... (module docstring)
     _worker_stream = "mds-workers"
-    _refused_hint = ("; streaming resumes exactly only with the same data, seed, world, batch size and "
-                     "num_canonical_nodes")
+    _refused_hint = ("; streaming resumes exactly only with the same data, seed, data.num_canonical_nodes and "
+                     "shuffle block size (the ranks and micro-batch may change)")
 
     def __init__(self, cfg: DataConfig, split: str, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, with_keys: bool = False) -> None:
+                 world_size: int = 1, global_batch: int | None = None) -> None:
         train = check_split(split)
         super().__init__(batch_size, seed=seed, rank=rank, world_size=world_size, repeat=train,
-                         num_workers=cfg.num_workers)
+                         num_workers=cfg.num_workers, global_batch=global_batch)
+        self.index_ordered = not train  # heldout: positions r, r + W, ... in order, for any number of workers
         if not cfg.uri:
             raise ValueError("data.uri is empty; data.format=mds reads the shards under data.uri")
-        self.cfg, self.split, self.with_keys, self._train = cfg, split, with_keys, train
+        self.cfg, self.split, self._train = cfg, split, train
         self._closed = False
         self._placement = placement = placement_from_env(rank, world_size)
         check_s3_endpoints(cfg.uri)
 
-        info = read_split(cfg.uri, split)
+        info = read_split(cfg.uri, split, verify=cfg.verify)
         self._manifest = manifest = info.manifest
         self._remote = join(cfg.uri, split)
         self._dataset_digest = digest(info.index_text)  # the shards' names, counts and sha1s: resume identity
@@ -151,12 +188,7 @@ class MDSLoader(ResumableLoader):
                              f"data.resize={cfg.resize}) of {self._remote}")
         self._collate = Collate(transform.output_shape(stored))  # what a batch holds per sample
 
-        nodes = placement.num_nodes
-        ncn = cfg.num_canonical_nodes or nodes  # streaming's default for py1e: the physical nodes of the first run
-        if ncn < 1 or (ncn % nodes and nodes % ncn):
-            raise ValueError(f"data.num_canonical_nodes={cfg.num_canonical_nodes} and the {nodes} node(s) must "
-                             "divide one another (streaming's partition requires it)")
-        self._ncn = ncn
+        self._ncn = ncn = canonical_nodes(cfg.num_canonical_nodes, placement, manifest.num_samples if train else None)
         self._shuffle_seed = _derive_shuffle_seed(self.seed)
         self._shuffle_block_size = max(4_000_000 // ncn, 1 << 18)  # streaming's default, made explicit
 
@@ -209,23 +241,17 @@ class MDSLoader(ResumableLoader):
 
     # -- epoch plan ----------------------------------------------------------------------------------------------
     def _train_batches_per_epoch(self) -> int:
-        """The largest k <= N // (world * B) such that the first k global steps of streaming's partition hold no
-        repeated sample (streaming pads with repeats; its shuffle only permutes ids, so this holds every epoch)."""
-        from streaming.base.partition import get_partitions
+        """Batches per epoch on every rank: whole optimizer steps of ``global_batch`` samples, as many as streaming's
+        order holds without a repeated sample (``train_steps_per_epoch``: the same count for any ranks and
+        micro-batch), checked against the partition streaming deals to this launch's ranks and workers."""
+        steps = train_steps_per_epoch(self._streaming.epoch_size, self._ncn, self.global_batch)
+        batches = steps * (self.global_batch // (self.batch_size * self.world_size))
+        self._check_partition(batches, drop_first=0)
+        return batches
 
-        p, b = self._placement, self.batch_size
-        cap = self._streaming.epoch_size // (p.world_size * b)
-        if cap == 0:
-            return 0
-        ids = get_partitions(PARTITION_ALGO, self._streaming.epoch_size, self._ncn, p.num_nodes,
-                             p.local_world_size, 1, b)  # (nodes, ranks per node, 1 worker, batches, B)
-        steps = ids[:, :, 0, :cap, :].transpose(2, 0, 1, 3).reshape(cap, -1)  # one row per global step
-        seen = np.zeros(self._streaming.epoch_size, dtype=bool)
-        for k, row in enumerate(steps):
-            if (row < 0).any() or seen[row].any() or len(np.unique(row)) != len(row):
-                return k
-            seen[row] = True
-        return cap
+    def _check_partition(self, batches: int, drop_first: int) -> None:
+        check_partition(self._streaming.epoch_size, self._ncn, self._placement, self.cfg.num_workers,
+                        self.batch_size, batches, drop_first)
 
     def _streaming_state(self, epoch: int, batch: int) -> dict[str, Any]:
         """streaming's resumption state for "``batch`` batches of ``epoch`` consumed on every rank": the dict
@@ -247,22 +273,22 @@ class MDSLoader(ResumableLoader):
                                "mosaicml-streaming version resumes differently from the one this loader was built on")
 
     # -- iteration -----------------------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[Batch]:
         if self._closed:
             raise RuntimeError("this MDSLoader is closed")
         gen = super().__iter__()
         self._generators.add(gen)
         return gen
 
-    def _epoch_batches(self) -> Iterator[tuple | None]:
+    def _epoch_batches(self) -> Iterator[Batch | None]:
         return self._train_epoch() if self._train else self._heldout_epoch()
 
     def _loader_over(self, dataset):
         return self._dataloader(dataset, num_workers=self.cfg.num_workers, batch_size=self.batch_size,
                                 collate_fn=self._collate, worker_init_fn=worker_init)
 
-    def _accept(self, batch) -> tuple | None:
-        images, labels, keys, errors = batch
+    def _accept(self, batch) -> Batch | None:
+        images, labels, indices, errors = batch
         if errors:
             if not self.cfg.skip_corrupt:
                 message, shard, key = errors[0]
@@ -270,11 +296,11 @@ class MDSLoader(ResumableLoader):
             for message, shard, key in errors:
                 logger.warning("skipping corrupt sample %s of %s/%s: %s", key, self._remote, shard, message)
             self._skipped += len(errors)
-        if not keys:
+        if len(indices) == 0:
             return None
-        return (images, labels, keys) if self.with_keys else (images, labels)
+        return Batch(images, labels, indices)
 
-    def _train_epoch(self) -> Iterator[tuple | None]:
+    def _train_epoch(self) -> Iterator[Batch | None]:
         epoch, ds = self._epoch, self._streaming
         ds.next_epoch = epoch  # streaming's shared epoch counter: otherwise a re-started epoch reads as stale
         ds.load_state_dict(self._streaming_state(epoch, self._batch))
@@ -300,7 +326,7 @@ class MDSLoader(ResumableLoader):
             del iterator
             self._stop_streaming_threads()
 
-    def _heldout_epoch(self) -> Iterator[tuple | None]:
+    def _heldout_epoch(self) -> Iterator[Batch | None]:
         self._streaming.transform_epoch = self._epoch
         positions = self._positions[self._batch * self.batch_size:]
         if len(positions) == 0:
@@ -349,9 +375,9 @@ class MDSLoader(ResumableLoader):
 
     # -- resumption ----------------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
+        # No world, ranks per machine or batch size: the order of the epoch does not depend on them (elastic).
         return {"format": "mds", "split": self.split, "dataset": self._dataset_digest,
-                "local_world_size": self._placement.local_world_size, "num_canonical_nodes": self._ncn,
-                "shuffle_block_size": self._shuffle_block_size}
+                "num_canonical_nodes": self._ncn, "shuffle_block_size": self._shuffle_block_size}
 
     def _extra_state(self) -> dict[str, Any]:
         return {"streaming": self._streaming_state(self._epoch, self._batch)} if self._train else {}
@@ -363,3 +389,4 @@ class MDSLoader(ResumableLoader):
                     "num_canonical_nodes": self._ncn, "shuffle_seed": self._shuffle_seed}
             if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in want.items()):
                 raise ValueError(f"loader state's streaming part {saved} does not match {want}")
+            self._check_partition(self.batches_per_epoch, drop_first=want["sample_in_epoch"])

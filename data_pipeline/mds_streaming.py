@@ -1,6 +1,8 @@
 """mosaicml-streaming, adapted: the ``StreamingDataset`` subclass the MDS loader reads through (decoding in the
-workers, download errors raised instead of a silently short epoch), the worker-side helpers, and streaming's view of
-the machine: ranks from the environment, the shared cache directory, stale shared memory.
+workers, download errors raised instead of a silently short epoch), the worker-side helpers, streaming's partition
+as the loader's epoch plan reads it (the epoch's global order, steps per epoch, the canonical nodes a launch can
+use, and a check of the plan against ``streaming.base.partition.get_partitions``), and streaming's view of the
+machine: ranks from the environment, the shared cache directory, stale shared memory.
 
 Overrides ``StreamingDataset._resume_incr_epoch``, ``on_exception``, ``__iter__`` and ``get_item`` and reads
 ``spanner``, ``shards``, ``streams`` and ``_downloader``: internals of mosaicml-streaming 0.13 (pinned in
@@ -63,10 +65,12 @@ class Collate:
     out_shape: tuple[int, int, int]
 
     def __call__(self, items: list[dict[str, Any]]):
+        """→ (images, labels, indices, errors): the good samples' tensors and the corrupt ones' reasons."""
         good = [it for it in items if it["error"] is None]
         images = torch.stack([it["image"] for it in good]) if good else torch.empty((0, *self.out_shape))
         labels = torch.tensor([it["label"] for it in good], dtype=torch.int64)
-        return images, labels, [it["key"] for it in good], [it["error"] for it in items if it["error"] is not None]
+        indices = torch.tensor([it["index"] for it in good], dtype=torch.int64)
+        return images, labels, indices, [it["error"] for it in items if it["error"] is not None]
 
 
 def worker_init(_worker_id: int) -> None:
@@ -129,9 +133,10 @@ def streaming_dataset_class():
                 raise DataSourceError(f"cannot read {join(self.remote_split, shard)} (sample {sample_id}): "
                                       f"{type(e).__name__}: {e}") from None
             except Exception as e:  # the shard's bytes do not parse as MDS at this sample
-                return {"key": f"#{index_in_shard}",
+                return {"key": f"#{index_in_shard}", "index": sample_id,
                         "error": (f"unreadable MDS sample: {type(e).__name__}: {e}", shard, f"#{index_in_shard}")}
-            return self.decoder(row, shard, f"#{index_in_shard}", self.transform_epoch)
+            # streaming's sample id numbers the split's samples in index.json's shard order: the Batch index
+            return {**self.decoder(row, shard, f"#{index_in_shard}", self.transform_epoch), "index": sample_id}
 
     _DecodingStreamingDataset.__module__ = __name__
     _DecodingStreamingDataset.__qualname__ = "_DecodingStreamingDataset"
@@ -157,6 +162,86 @@ class Positions(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.streaming[int(self.positions[i])]
+
+
+# -- the partition: what streaming deals to nodes, ranks and workers --------------------------------------------------
+PARTITION_ALGO = "relaxed"
+
+
+def canonical_order(num_samples: int, num_canonical_nodes: int) -> np.ndarray:
+    """An epoch's global order of sample positions (before the shuffle, which maps positions to sample ids by a
+    permutation fixed by seed, epoch, canonical nodes and shard sizes): streaming's partition for one node, one
+    rank, one worker and batches of 1. With P nodes of R ranks, node n takes every P-th entry and its rank q
+    every R-th of those, i.e. entries n + qP, n + qP + W, ... (W = PR); padding lies only beyond the first
+    ``canonical nodes × ceil(N / canonical nodes)`` entries, so that prefix is the same for every P, R, worker count
+    and batch size (``check_partition`` verifies it for the launch at hand)."""
+    from streaming.base.partition import get_partitions
+
+    return get_partitions(PARTITION_ALGO, num_samples, num_canonical_nodes, 1, 1, 1, 1).reshape(-1)
+
+
+def first_repeat(order: np.ndarray) -> int:
+    """The first position of ``order`` holding padding (-1) or a sample that an earlier position holds; its length
+    if there is none."""
+    by_value = np.argsort(order, kind="stable")  # equal values: earlier positions first
+    values = order[by_value]
+    later = by_value[1:][values[1:] == values[:-1]]
+    bad = np.concatenate([later, np.flatnonzero(order < 0)])
+    return int(bad.min()) if len(bad) else len(order)
+
+
+def train_steps_per_epoch(num_samples: int, num_canonical_nodes: int, step: int) -> int:
+    """Optimizer steps of ``step`` samples in an epoch: the largest k <= N // step whose first k·step entries of the
+    canonical order hold no sample twice (streaming repeats samples at the last row of its canonical layout when
+    the canonical nodes do not divide N). A function of N, the canonical nodes and the step size only: the same
+    number of steps on every number of ranks and micro-batch."""
+    return min(num_samples, first_repeat(canonical_order(num_samples, num_canonical_nodes))) // step
+
+
+def check_partition(num_samples: int, num_canonical_nodes: int, placement: Placement, workers: int,
+                    batch_size: int, batches: int, drop_first: int) -> None:
+    """Verify, on streaming's own partition for this launch, what the epoch plan assumes: after ``drop_first``
+    samples of the epoch, the ranks' next batches up to batch ``batches`` of the epoch together hold, batch by
+    batch, exactly the canonical order's next ``batch_size × world`` entries (any order within the batch), and no
+    padding. A RuntimeError otherwise: a streaming version that deals differently."""
+    from streaming.base.partition import get_partitions
+
+    p, per_rank = placement, max(1, workers)
+    micro = batch_size * p.world_size
+    count = batches - drop_first // micro
+    if count <= 0:
+        return
+    ids = get_partitions(PARTITION_ALGO, num_samples, num_canonical_nodes, p.num_nodes, p.local_world_size,
+                         per_rank, batch_size, drop_first, p.num_nodes)
+    # (nodes, ranks, workers, batches per worker, B); a rank's batch j·K + w is worker w's batch j, because the
+    # DataLoader takes its workers' batches in turn: one row per batch of all ranks together
+    dealt = ids.transpose(3, 2, 0, 1, 4).reshape(-1, micro)[:count]
+    expected = canonical_order(num_samples, num_canonical_nodes)[drop_first:drop_first + count * micro]
+    if dealt.shape != (count, micro) or len(expected) != count * micro or not np.array_equal(
+            np.sort(dealt, axis=1), np.sort(expected.reshape(count, micro), axis=1)):
+        raise RuntimeError(f"internal error: streaming's partition of {num_samples} samples over {p.num_nodes} "
+                           f"node(s) × {p.local_world_size} rank(s) × {per_rank} worker(s), batches of {batch_size}, "
+                           f"from sample {drop_first}, is not its canonical order cut in steps; this "
+                           "mosaicml-streaming version partitions differently from the one this loader was built on")
+
+
+def canonical_nodes(configured: int, placement: Placement, num_samples: int | None = None) -> int:
+    """``data.num_canonical_nodes`` as used: fixed for the run (0, the older configs' "streaming's default", which
+    was the machine count of the launch, is 1), one that streaming can partition over this launch's machines and,
+    given the split's ``num_samples`` (the shuffled split), at most one canonical node per sample (more make
+    streaming repeat samples throughout the epoch)."""
+    if configured < 0:
+        raise ValueError(f"data.num_canonical_nodes={configured} must be >= 1 (1 fits any number of machines)")
+    ncn, nodes = configured or 1, placement.num_nodes
+    if ncn % nodes and nodes % ncn:
+        raise ValueError(f"data.num_canonical_nodes={ncn} does not fit the {nodes} machines of this launch "
+                         f"(WORLD_SIZE={placement.world_size} / LOCAL_WORLD_SIZE={placement.local_world_size}): "
+                         "streaming needs one to divide the other; launch on a machine count that divides it or is "
+                         "a multiple of it (it must stay the same for the whole run)")
+    if num_samples is not None and ncn > num_samples:
+        raise ValueError(f"data.num_canonical_nodes={ncn} is more than the {num_samples} samples to shuffle; lower "
+                         "it (1 fits any data set)")
+    return ncn
 
 
 # -- shared memory, environment, cache ---------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ integers: the epoch and how many batches of it were handed out. Resuming recompu
 Epoch ``e``, for ``world_size`` W and ``batch_size`` B over N samples:
 
 - order: ``torch.randperm(N)`` from a generator seeded by a hash of (seed, e) when shuffling, else ``0..N-1``;
-- with ``drop_last`` the order is cut to its first ``(N // (W*B)) * W*B`` entries (the tail of the permutation is
-  dropped, a different tail each epoch when shuffling); rank r takes positions r, r+W, r+2W, ... and cuts them
-  into batches of B, so every rank has the same number of full batches;
+- with ``drop_last`` the order is cut to its first ``(N // G) * G`` entries, G the global batch (``W*B`` times
+  the micro-batches of a step; the tail of the permutation is dropped, a different tail each epoch when shuffling);
+  rank r takes positions r, r+W, r+2W, ... and cuts them into batches of B, so every rank has the same number of
+  full batches, and the A micro-batches of step k on all ranks together are positions kG .. (k+1)G-1 whatever W,
+  B and A (``resumable``: elastic);
 - without ``drop_last`` (evaluation) nothing is dropped: rank r takes positions r, r+W, ... of all N, so the ranks
   together yield every sample exactly once; a rank's last batch may be smaller, and when N is not a multiple of W
   the higher ranks hold one sample fewer, which can mean one batch fewer;
@@ -24,13 +26,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .batch import Batch
 from .resumable import ResumableLoader
 from .seeding import derive_seed
 from .transforms import to_float
 
 
 class InMemoryLoader(ResumableLoader):
-    """Yields ``(images float32 (B,C,H,W) in [-1,1], labels int64 (B,))`` for one rank.
+    """Yields ``Batch(images float32 (B,C,H,W) in [-1,1], labels int64 (B,), indices int64 (B,))`` for one rank;
+    the indices are rows of ``images``.
 
     ``repeat=True`` runs through epochs forever (training). ``repeat=False`` yields one epoch per ``for`` loop:
     a loop that was interrupted continues where it stopped, a loop over a finished epoch starts the next epoch.
@@ -57,6 +61,7 @@ class InMemoryLoader(ResumableLoader):
         random_flip: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        global_batch: int | None = None,
     ) -> None:
         images = np.asarray(images)
         labels = np.asarray(labels)
@@ -64,14 +69,15 @@ class InMemoryLoader(ResumableLoader):
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
         if labels.shape != (len(images),):
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
-        super().__init__(batch_size, seed=seed, rank=rank, world_size=world_size, repeat=repeat)
+        super().__init__(batch_size, seed=seed, rank=rank, world_size=world_size, repeat=repeat,
+                         global_batch=global_batch)
+        self.index_ordered = not shuffle
         self._images = images  # never written to: batches are copies (fancy indexing)
         self._labels = labels.astype(np.int64, copy=False)
         self._shuffle, self._drop_last, self._random_flip = shuffle, drop_last, random_flip
 
         n = len(images)
-        per_step = world_size * batch_size
-        usable = (n // per_step) * per_step if drop_last else n
+        usable = (n // self.global_batch) * self.global_batch if drop_last else n
         # Positions (into the epoch's order) that belong to this rank: the same every epoch.
         self._positions = np.arange(rank, usable, world_size, dtype=np.int64)
         self._setup_epochs(num_samples=n, batches_per_epoch=-(-len(self._positions) // batch_size),
@@ -97,16 +103,17 @@ class InMemoryLoader(ResumableLoader):
             self._plan_epoch = epoch
         return self._plan
 
-    def _make_batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make_batch(self, epoch: int, index: int) -> Batch:
         indices, flips = self._epoch_plan(epoch)
         part = slice(index * self.batch_size, (index + 1) * self.batch_size)
         u8 = self._images[indices[part]]  # a fresh copy, safe to flip in place
         if flips is not None:
             f = flips[part]
             u8[f] = u8[f][..., ::-1]
-        return to_float(u8), torch.from_numpy(self._labels[indices[part]])
+        rows = indices[part]
+        return Batch(to_float(u8), torch.from_numpy(self._labels[rows]), torch.from_numpy(rows.astype(np.int64)))
 
-    def _epoch_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch_batches(self) -> Iterator[Batch]:
         for index in range(self._batch, self.batches_per_epoch):
             yield self._make_batch(self._epoch, index)
 

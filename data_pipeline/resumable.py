@@ -11,12 +11,20 @@ gives rank r the positions r, r+W, r+2W, … of one global order (``elastic = Tr
 number of ranks and any micro-batch that divides it; any other loader requires the same ``world_size`` and
 ``batch_size`` (they become part of its identity).
 
+**Elastic determinism.** Batches are ``Batch(images, labels, indices)``: ``indices`` number the samples of the
+split in its natural order, so per-sample randomness keyed by them (the trainer's dequantisation and label drop)
+does not depend on the launch. An elastic loader also cuts a training epoch into whole *global batches*
+(``global_batch``: the samples of one optimizer step over all ranks and micro-batches), so that step k reads the same
+set of samples on any number of ranks, with any micro-batch and any number of workers; a state saved on one number
+of ranks resumes on another and continues the same sequence of global batches. Together: the same losses up to
+floating-point summation order (and the nondeterminism of the device's kernels, e.g. bf16 or GPU atomics).
+
 A subclass supplies:
 
 - ``_identity()``: what else must match for a saved position to mean the same samples (the base adds ``seed``,
   ``num_samples`` and, unless elastic, ``world_size`` and ``batch_size``);
 - ``_epoch_batches()``: the rest of the current epoch from batch ``self._batch`` on, one item per planned batch —
-  the batch, or ``None`` for a planned batch with nothing to yield (all of its samples were corrupt and skipped).
+  the ``Batch``, or ``None`` for a planned batch with nothing to yield (all of its samples were corrupt and skipped).
   The base counts every item before handing it out, so a state saved after using a batch resumes after it;
 - optionally ``_epoch_started()`` (reset per-epoch counters), ``_extra_state()`` / ``_load_extra_state()`` (more
   resumable detail, e.g. corrupt samples skipped per worker) and ``_refused_hint`` (appended to a refused state).
@@ -54,10 +62,18 @@ class ResumableLoader:
     _worker_stream = "workers"  # names the seeds of the DataLoader workers
     _refused_hint = ""
 
+    index_ordered = False     # True: each rank yields its samples in increasing index order (evaluation may stop
+                              # reading once a batch is past the images it needs)
+
     def __init__(self, batch_size: int, *, seed: int, rank: int, world_size: int, repeat: bool,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, global_batch: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        global_batch = batch_size * world_size if global_batch is None else global_batch
+        if global_batch < 1 or global_batch % (batch_size * world_size):
+            raise ValueError(f"global_batch={global_batch} is not a multiple of batch_size × world_size = "
+                             f"{batch_size} × {world_size}")
+        self.global_batch = global_batch
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         if num_workers < 0:
@@ -120,6 +136,12 @@ class ResumableLoader:
                 batches.close()  # at once, also when the caller stops early: its workers and threads end here
             if not self._repeat:
                 return
+
+    def rewind(self) -> None:
+        """Back to the first batch of the current epoch: a held-out pass that stopped early (``max_images``) must not
+        make the next evaluation continue with other images."""
+        self._batch = 0
+        self._epoch_started()
 
     def _dataloader(self, dataset, *, num_workers: int, batch_size: int | None,
                     collate_fn: Callable | None = None, worker_init_fn: Callable | None = None) -> DataLoader:

@@ -1,6 +1,7 @@
 """The `tarflow` command on a trained checkpoint: sample, eval, and conversion to and from the official code."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from models import TarFlow
 from tarflow.main import main
 from tarflow_testing.checkpoint_helpers import model_state
 from trainer.config import from_yaml_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +110,24 @@ def test_import_with_a_mismatching_config_names_the_key(golden, tmp_path, capsys
     ref = tmp_path / "ref.pth"
     torch.save(golden["state_dict"], ref)
     code = main(["ckpt", "import-reference", str(ref), "--out", str(tmp_path / "x.pt")])  # digits default config
-    assert code == 2
-    assert "checkpoint key 'var' has shape (16, 48) but the model expects (16, 4)" in capsys.readouterr().err
+    assert (code, capsys.readouterr().err) == (2, (
+        f"tarflow ckpt: error: model.head_dim=32 contradicts {ref}: the official Model that wrote it computes with "
+        f"head_dim=64 (fixed, not saved); set model.head_dim=64\n"))
+    code = main(["ckpt", "import-reference", str(ref), "model.head_dim=64", "--out", str(tmp_path / "x.pt")])
+    assert (code, capsys.readouterr().err) == (2, (
+        f"tarflow ckpt: error: model.channels = 128 contradicts {ref}, whose blocks.0.proj_in.weight of shape "
+        f"(64, 48) implies 64; set model.channels=64\n"))
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_import_of_a_file_weights_only_loading_refuses_is_one_line(golden, tmp_path, capsys):
+    ref = tmp_path / "ref.pth"
+    torch.save({**golden["state_dict"], "optimizer": {"lr": 1e-3, "betas": (0.9, 0.95)}, "args": Path("x")}, ref)
+    code = main(["ckpt", "import-reference", str(ref), "--out", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"tarflow ckpt: error: {ref}: torch.load(weights_only=True) refuses its pickle (")
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_truncated_checkpoint_is_a_clear_error(checkpoint, tmp_path, capsys):
@@ -143,9 +162,66 @@ def test_ckpt_ls_verify_and_export(checkpoint, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "model.pt"), "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["bits_per_dim"] == pytest.approx(checkpoint["final_bits_per_dim"], rel=1e-12)
-    assert main(["ckpt", "export-reference", str(tmp_path / "model.pt"), "--out", str(tmp_path / "ref.pth")]) == 0
+    # head_dim=16 changes no parameter shape: the official code would load the file and compute another model.
+    assert main(["ckpt", "export-reference", str(tmp_path / "model.pt"), "--out", str(tmp_path / "ref.pth")]) == 2
+    assert capsys.readouterr().err == (
+        "tarflow ckpt: error: model.head_dim=16 cannot be exported: the official Model fixes head_dim=64 without "
+        "saving it, so it would load this file with strict=True and compute a different model; export a model "
+        "trained with model.head_dim=64\n")
+    assert not (tmp_path / "ref.pth").exists()
 
 
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "tarflow", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "sample" in out.stdout
+
+
+# ---------------------------------------------------------------- the official bits/dim of an exported model
+
+PHOTOS_TINY = ["model.channels=64", "model.head_dim=64", "model.num_blocks=2", "model.layers_per_block=1",
+               "model.patch_size=8", "train.steps=3", "schedule.warmup_steps=1", "train.global_batch=8",
+               "train.micro_batch=8", "train.noise=uniform", "eval.at_start=false", "sample.num=2",
+               "logging.progress=false"]
+
+
+def official_evaluate_bpd(z: torch.Tensor, logdets: torch.Tensor, image_size: int) -> torch.Tensor:
+    """evaluate_bpd.py's arithmetic per image (TARFLOW.md §10), written out as the official code does it: the prior
+    summed over the latent, the 1/128 bin of 8-bit data in [-1, 1], n_dims = S·S·3 (it hard-codes 3 channels), the
+    model's per-dimension logdets, and no prior variance."""
+    T, D = z.shape[1:]
+    log_p = (-0.5 * (z ** 2 + math.log(2 * math.pi))).sum(dim=(1, 2)) - math.log(128) * (T * D)
+    n_dims = image_size * image_size * 3
+    nll = -log_p / n_dims - logdets
+    return nll / math.log(2)
+
+
+def test_an_exported_model_has_the_official_bits_per_dim_of_tarflow_eval(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    assert main(["train", str(REPO / "configs/photos.yaml"), f"train.run_dir={run_dir}", *PHOTOS_TINY]) == 0
+    ckpt = json.loads((run_dir / "summary.json").read_text())["checkpoint"]
+    ref = tmp_path / "model.pth"
+    assert main(["ckpt", "export-reference", ckpt, "--out", str(ref)]) == 0
+    capsys.readouterr()
+
+    seen: list[torch.Tensor] = []  # the dequantised images `tarflow eval` feeds the model
+    forward = TarFlow.forward
+
+    def recording(self, x, *args, **kwargs):
+        seen.append(x.detach().clone())
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(TarFlow, "forward", recording)
+    assert main(["eval", ckpt, "--device", "cpu", "--max-images", "24"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    monkeypatch.undo()
+    x = torch.cat(seen)
+    assert report["images"] == x.shape[0] == 24
+    assert ((x + 1) * 128 % 1 != 0).float().mean() > 0.99  # dequantised: off the 8-bit grid, inside its bins
+
+    cfg = from_yaml_text((run_dir / "config.yaml").read_text())
+    official = TarFlow.from_reference(ref, cfg.model).eval()  # only what the .pth holds, in the official layout
+    with torch.no_grad():
+        z, logdets = official(x)
+    bpd = official_evaluate_bpd(z.double(), logdets.double(), cfg.model.img_size).mean().item()
+    assert 0 < bpd < 12
+    assert report["bits_per_dim"] == pytest.approx(bpd, rel=1e-6)

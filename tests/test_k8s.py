@@ -253,7 +253,8 @@ def test_tolerations_from_the_command_line():
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_cli_renders_valid_manifests(flavor, capsys):
-    assert launch_main(["launch", "k8s", str(REPO / "configs/digits.yaml"), "train.steps=5", "--image", "img:1",
+    assert launch_main(["launch", "k8s", str(REPO / "configs/digits.yaml"), "train.steps=5", "schedule.warmup_steps=1",
+                        "train.strategy=ddp", "train.micro_batch=16", "--image", "img:1",
                         "--flavor", flavor, "--nodes", "2", "--gpus-per-node", "4", "--s3-secret", "s3",
                         "--checkpoint-uri", "s3://b/r",
                         "--node-selector", "pool=gpu", "--toleration", "nvidia.com/gpu:NoSchedule"]) == 0
@@ -261,6 +262,27 @@ def test_cli_renders_valid_manifests(flavor, capsys):
     _validate(objs)
     assert objs[0]["kind"] == "ConfigMap" and "num_classes: 10" in objs[0]["data"]["config.yaml"]
     assert objs[-1]["metadata"]["name"] == "tarflow-digits"
+
+
+def test_a_job_that_could_only_fail_at_start_is_refused_before_rendering(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no kubectl: nothing could be applied anyway
+    for mode in ([], ["--apply"]):
+        code = launch_main(["launch", "k8s", str(REPO / "configs/digits.yaml"), "train.strategy=ddp", "--image", "img",
+                            "--nodes", "2", "--gpus-per-node", "2", *mode])
+        captured = capsys.readouterr()
+        assert (code, captured.out) == (2, "")
+        assert captured.err == ("tarflow launch: error: train.global_batch: 128 is not divisible by train.micro_batch "
+                                "× data-parallel size = 128 × 4 = 512 (the launch starts --nodes 2 × --nproc-per-node "
+                                "2 = 4 processes)\n")
+    assert launch_main(["launch", "k8s", "--image", "img", "--nodes", "2"]) == 2
+    assert "train.strategy=single trains in one process, but the launch starts --nodes 2" in capsys.readouterr().err
+
+
+def test_a_config_inside_the_image_is_left_to_the_job(capsys):
+    assert launch_main(["launch", "k8s", "/app/configs/mine.yaml", "--image", "img"]) == 0
+    captured = capsys.readouterr()
+    assert "/app/configs/mine.yaml is not here, so the config is checked only when the job starts" in captured.err
+    assert "/app/configs/mine.yaml" in captured.out
 
 
 def test_apply_without_kubectl_says_so(monkeypatch, tmp_path, capsys):

@@ -1,16 +1,19 @@
 """The run checkpointer: save then resume restores strategy, run state, loader, metric window and RNG in one call;
-the strategy decides whether it can load a manifest; a different model or ``resume=never`` is refused."""
+the strategy decides whether it can load a manifest; a different model, a changed trajectory (without the opt-in) or
+``resume=never`` is refused; the config history carries on; a checkpoint at ``train.steps`` is finished."""
 
+import json
 import random
 
 import pytest
 import torch
 
 from cluster.env import ProcessEnv
+from cluster.run_contract import SUMMARY_FILE
 from models import TarFlow
 from trainer.checkpoint import CheckpointError, Manifest
 from trainer.checkpoint.run_checkpointer import RunCheckpointer
-from trainer.config import load_config
+from trainer.config import ConfigError, config_hash, load_config
 from trainer.strategies import DeepSpeedZeRO, FullyShardedDataParallel, SingleDevice
 
 TINY = ["model.channels=16", "model.head_dim=8", "model.num_blocks=2", "model.layers_per_block=1"]
@@ -112,3 +115,78 @@ def test_each_strategy_says_which_manifests_it_can_resume():
         "train.strategy=fsdp")
     assert "resumes only on as many (this run has 4)" in zero.can_resume(manifest("deepspeed", "deepspeed", 2), 4)
     assert "train.strategy=deepspeed cannot resume" in zero.can_resume(manifest("torch", "single", 4), 4)
+
+
+def short_config(tmp_path, *extra):
+    return config(tmp_path, "schedule.warmup_steps=2", *extra)  # the default warmup is longer than these runs
+
+
+def saved_run(tmp_path, *extra):
+    """A checkpoint at step 7 (of ``train.steps`` from ``extra``) in tmp_path's run directory."""
+    cfg = short_config(tmp_path, *extra)
+    saver = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 0), CPU)
+    state = saver.resume(Component(), Component())
+    state.step = 7
+    saver.save(state, Component(), Component())
+    saver.finish(required=True)
+    return cfg
+
+
+def test_a_fresh_run_starts_its_config_history_at_step_0(tmp_path):
+    cfg = short_config(tmp_path)
+    state = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 0), CPU).resume(Component(), Component())
+    assert [(e["from_step"], e["config_hash"], e["changes"]) for e in state.config_history] == [
+        (0, config_hash(cfg), {})]
+
+
+def test_a_changed_trajectory_is_refused_before_anything_is_restored_and_the_download_is_removed(tmp_path):
+    saved_run(tmp_path, "train.steps=20")
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    changed = short_config(tmp_path, "train.steps=20", "optim.lr=1e-4")
+    strategy = trained_strategy(changed, 1)
+    weights = {k: v.clone() for k, v in strategy.unwrapped.state_dict().items()}
+    checkpointer = RunCheckpointer(changed, ProcessEnv(), strategy, CPU)
+    with pytest.raises(ConfigError, match=r"optim.lr = 0.002 there, 0.0001 here"):
+        checkpointer.resume(Component(), Component())
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before  # no .checkpoint-cache
+    for key, value in strategy.unwrapped.state_dict().items():
+        assert torch.equal(value, weights[key]), key  # the refused checkpoint was not loaded
+
+
+def test_continuing_under_changed_settings_appends_to_the_saved_history(tmp_path, capsys):
+    saved_run(tmp_path, "train.steps=20")
+    changed = short_config(tmp_path, "train.steps=30", "optim.lr=1e-4", "train.resume_changes=allow")
+    checkpointer = RunCheckpointer(changed, ProcessEnv(), trained_strategy(changed, 1), CPU)
+    state = checkpointer.resume(Component(), Component())
+    assert not checkpointer.finished and state.step == 7
+    assert [(e["from_step"], e["opted_in"]) for e in state.config_history] == [(0, []), (7, ["optim.lr"])]
+    assert state.config_history[1]["changes"]["train.steps"] == [20, 30]
+    out = capsys.readouterr().out
+    assert "note: continuing from step 7 under changed settings: train.steps 20 → 30" in out
+    assert "by train.resume_changes=allow: optim.lr 0.002 → 0.0001" in out
+
+
+def resumed(cfg):
+    checkpointer = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 1), CPU)
+    return checkpointer, checkpointer.resume(Component(), Component())
+
+
+@pytest.mark.parametrize("summary, finished", [
+    (None, False),                                 # checkpoints copied elsewhere: the end is still to be done
+    ({"step": 7, "preempted": "SIGTERM"}, False),  # stopped during its last step: the end is still to be done
+    ({"step": 7, "preempted": None}, True),
+])
+def test_a_checkpoint_at_train_steps_is_finished_once_the_run_has_ended(tmp_path, capsys, summary, finished):
+    saved_run(tmp_path, "train.steps=7", "logging.every=3")
+    if summary is not None:
+        (tmp_path / SUMMARY_FILE).write_text(json.dumps(summary))
+    capsys.readouterr()
+    checkpointer, state = resumed(short_config(tmp_path, "train.steps=7", "logging.every=4"))
+    assert checkpointer.finished == finished and state.step == 7
+    out = capsys.readouterr().out
+    if finished:
+        assert out.startswith("already finished: the checkpoint at step 7 in ") and len(out.splitlines()) == 1
+        assert len(state.config_history) == 1  # nothing runs under this config: no new segment
+    else:
+        assert "resumed from step 7" in out and [e["from_step"] for e in state.config_history] == [0, 7]
+    assert not (tmp_path / ".checkpoint-cache").exists()

@@ -102,15 +102,47 @@ def test_cli_dry_run_prints_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     config = tmp_path / "c.yaml"
     config.write_text(f"train:\n  run_dir: {tmp_path}/from_yaml\n  steps: 5\n")
-    assert launch_main(["launch", "slurm", str(config), "train.steps=7", "--nodes", "2", "--gpus-per-node", "8",
+    assert launch_main(["launch", "slurm", str(config), "train.steps=7", "schedule.warmup_steps=1",
+                        "train.strategy=ddp", "train.micro_batch=8", "--nodes", "2", "--gpus-per-node", "8",
                         "--time", "4:00:00", "--partition", "p", "--signal-grace", "300", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --signal=B:USR1@300" in out and "--nproc_per_node=8" in out
-    assert f"train.steps=7 train.resume=auto train.run_dir={tmp_path}/from_yaml" in out  # run dir from the YAML
+    assert (f"train.steps=7 schedule.warmup_steps=1 train.strategy=ddp train.micro_batch=8 train.resume=auto "
+            f"train.run_dir={tmp_path}/from_yaml") in out  # run dir from the YAML
     assert not (tmp_path / "from_yaml").exists()
     assert launch_main(["launch", "slurm", "preemption.exit_code=99", "--dry-run"]) == 0
     assert "PREEMPTION_EXIT_CODE=99" in capsys.readouterr().out.splitlines()
     assert launch_main(["launch", "slurm", "--time", "1", "--dry-run"]) == 2  # grace 120 s > a 1-minute limit
+
+
+@pytest.mark.parametrize("overrides, flags, message", [
+    ([], ["--nodes", "2"], "train.strategy=single trains in one process, but the launch starts --nodes 2 × "
+                           "--nproc-per-node 1 = 2 processes: set train.strategy to one of ['ddp', 'deepspeed', "
+                           "'fsdp'], or launch --nodes 1 --nproc-per-node 1"),
+    (["train.strategy=ddp", "train.micro_batch=32"], ["--nodes", "2", "--gpus-per-node", "4"],
+     "train.global_batch: 128 is not divisible by train.micro_batch × data-parallel size = 32 × 8 = 256 (the launch "
+     "starts --nodes 2 × --nproc-per-node 4 = 8 processes)"),
+    (["train.strategy=fsdp", "train.global_batch=32", "train.micro_batch=8"], ["--nodes", "3"],
+     "train.global_batch: 32 is not divisible by train.micro_batch × data-parallel size = 8 × 3 = 24 (the launch "
+     "starts --nodes 3 × --nproc-per-node 1 = 3 processes)"),
+    (["train.stepz=3"], [], "unknown config key 'train.stepz' (from command line); did you mean 'train.steps'?"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_job_that_could_only_fail_at_start_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch,
+                                                                                   overrides, flags, message, dry_run):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: a submission that got this far would say so instead
+    run_dir = tmp_path / "run"
+    code = launch_main(["launch", "slurm", f"train.run_dir={run_dir}", *overrides, *flags,
+                        *(["--dry-run"] if dry_run else [])])
+    captured = capsys.readouterr()
+    assert (code, captured.out, captured.err) == (2, "", f"tarflow launch: error: {message}\n")
+    assert not run_dir.exists()
+
+
+def test_a_valid_multi_node_job_renders(capsys):
+    assert launch_main(["launch", "slurm", "train.strategy=ddp", "train.global_batch=128", "train.micro_batch=16",
+                        "--nodes", "2", "--gpus-per-node", "4", "--dry-run"]) == 0
+    assert "--nproc_per_node=4" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- a real slurmctld
@@ -208,7 +240,8 @@ def jobs(slurm_up, tmp_path_factory):
         "preempted_file": go("preempted_file", max_restarts=2, command=["bash", "-c", ATTEMPT + (
             f'[ "${{SLURM_RESTART_COUNT:-0}}" -ge 1 ] && exit 1; echo "{{}}" > {base}/preempted_file/preempted.json; '
             'exit 1')]),
-        "config_error": launch(base / "config_error", "--max-restarts", "2", overrides=("train.strategy=nonsense",)),
+        # `tarflow launch` refuses this config before submitting; the job's own handling is what is tested here
+        "config_error": go("config_error", max_restarts=2, overrides=["train.strategy=nonsense"]),
     }
 
 

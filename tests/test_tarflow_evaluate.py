@@ -76,7 +76,7 @@ def test_two_ranks_equal_torchmetrics_single_process_fid(files, two_ranks):
     metric = FrechetInceptionDistance(normalize=True, **official_resize(), feature_extractor_weights_path=str(
         Path(files["weights"]) / WEIGHTS["paper"].name))
     for data, real in ((SMALL_HELDOUT, True), (OTHER_HELDOUT, False)):
-        for x, _ in build_loader(data_config_for("digits", data), "heldout", 100, seed=0):
+        for x, *_ in build_loader(data_config_for("digits", data), "heldout", 100, seed=0):
             metric.update((0.5 * (x.clip(-1, 1) + 1)).repeat(1, 3, 1, 1), real=real)
     # the same images through float32 convolutions in other batch sizes and threads: features agree to ~1e-6
     np.testing.assert_allclose(a.feature_sum, metric.real_features_sum.numpy(), rtol=1e-5, atol=1e-5)

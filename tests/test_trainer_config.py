@@ -36,6 +36,7 @@ def test_yaml_then_overrides_in_that_order(tmp_path):
     (["sample.method=newton"], r"sample.method: must be one of \('sequential', 'jacobi', 'gs-jacobi', 'auto'\)"),
     (["sample.method=jacobi", "sample.tol=-1"], "sample.tol: tol must be a number >= 0"),
     (["sample.max_iters=-2"], "sample.max_iters: must be >= 0"),
+    (["train.resume_changes=sometimes"], r"train.resume_changes: must be one of \('refuse', 'allow'\), got 'so"),
     (["model=3"], "'model' is a section"),
     (["steps"], "key=value"),
 ])

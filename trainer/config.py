@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cluster.run_contract import PREEMPTION_EXIT_CODE
 from data_pipeline.config import DataConfig
+from data_pipeline.verify import VERIFY_MODES
 from models import METHODS, InversionSettings, TarFlowConfig
 
 
@@ -67,6 +68,9 @@ class TrainConfig:
     compile: bool = False    # torch.compile each transformer layer (first steps slower while it compiles)
     max_nonfinite_steps: int = 10  # consecutive skipped (NaN/Inf) steps before the run stops
     resume: str = "auto"     # auto (newest complete checkpoint, if any) | never | a checkpoint's URI (…/step-NNNNNNNN)
+    # refuse: a checkpoint continues only under a config that computes the same steps (trainer.resume_policy) |
+    # allow: a deliberate change (optim.lr, ...) takes effect from the checkpoint's step, recorded in the run's history
+    resume_changes: str = "refuse"
 
 
 @dataclass
@@ -159,6 +163,7 @@ class Config:
 
 NOISE_KINDS = ("uniform", "gaussian")
 PRECISIONS = ("auto", "fp32", "bf16")
+RESUME_CHANGES = ("refuse", "allow")
 
 
 # ---------------------------------------------------------------- loading
@@ -246,6 +251,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.noise_std > 0, "train.noise_std", f"must be > 0, got {t.noise_std}")
     _require(0 <= t.label_drop < 1, "train.label_drop", f"must be in [0, 1), got {t.label_drop}")
     _require(t.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}, got {t.precision!r}")
+    _require(t.resume_changes in RESUME_CHANGES, "train.resume_changes",
+             f"must be one of {RESUME_CHANGES}, got {t.resume_changes!r}")
     from .strategies import STRATEGIES  # the registry itself; imported here because strategies import this module
 
     _require(t.strategy in STRATEGIES, "train.strategy", f"must be one of {tuple(STRATEGIES)}, got {t.strategy!r}")
@@ -283,6 +290,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         InversionSettings(method=sc.method, tol=sc.tol, max_iters=sc.max_iters or None, window=sc.window or None)
     except ValueError as e:
         _require(False, "sample.tol", str(e))
+    _require(cfg.data.verify in VERIFY_MODES, "data.verify", f"must be one of {VERIFY_MODES} (size: every shard "
+             f"present with the manifest's size; sha256: digests too; none), got {cfg.data.verify!r}")
+    _require(cfg.data.streams >= 0, "data.streams", f"must be >= 0 (0: the default), got {cfg.data.streams}")
     _require(cfg.checkpoint.keep >= 2, "checkpoint.keep", f"must be >= 2 (the one before the newest is the fallback "
              f"when the newest fails verification), got {cfg.checkpoint.keep}")
     _require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", f"must be >= 0, got {cfg.checkpoint.keep_every}")
@@ -302,12 +312,6 @@ def to_yaml(cfg: Config) -> str:
 def config_hash(cfg: Config) -> str:
     """Identity of the resolved config, stored with checkpoints."""
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
-
-
-def model_differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
-    """``model.*`` keys whose values differ: a checkpoint of one model cannot be resumed as another."""
-    left, right = dataclasses.asdict(a.model), dataclasses.asdict(b.model)
-    return {f"model.{k}": (left[k], right[k]) for k in left if left[k] != right[k]}
 
 
 def from_yaml_text(text: str) -> Config:

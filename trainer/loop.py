@@ -28,9 +28,10 @@ from .evaluation.grids import grid_settings, sample_grids, save_grids
 from .evaluation.sampler import fixed_noise_and_labels
 from .flops import default_peak_flops, flops_per_image, mfu
 from .metric_sinks import ConsoleSink, JsonlSink, MetricLogger, WandbSink
-from .noise import corrupt, denoise_std, drop_labels
+from .noise import corrupt, denoise_std, drop_labels, sample_generators
 from .optim import build_schedule
 from .preemption import PreemptionGuard
+from .resume_policy import CONFIG_HISTORY_FILE, history_jsonl
 from .run_state import seed_everything
 from .runtime import resolve_device, resolve_precision
 from .strategies import DISTRIBUTED, check_strategy_config, strategy_from_config
@@ -48,12 +49,13 @@ class TrainResult:
     run_dir: Path
     step: int
     initial_bits_per_dim: float | None
-    final_bits_per_dim: float
+    final_bits_per_dim: float | None  # None: the run stopped early, or had already finished
     checkpoint: str  # the last checkpoint's URI
     sample_grids: list[Path]
     nonfinite_steps: int
     seconds: float
     preempted: str | None = None  # why the run stopped early (a signal, the time limit), or None
+    already_finished: bool = False  # the checkpoint had reached train.steps: nothing was done, nothing written
 
 
 def loss_to_bits_per_dim(loss_nats: float) -> float:
@@ -88,10 +90,6 @@ class Trainer:
         nodes = self.world_size // env.local_world_size
         self.strategy = strategy_from_config(cfg, self.device, self.precision.autocast_dtype, self.world_size, nodes)
         self.checkpoints = RunCheckpointer(cfg, env, self.strategy, device)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
-            (self.run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # this attempt's outcome is not known yet
 
         seed_everything(t.seed)  # the same initial model on every rank
         model = TarFlow(cfg.model)
@@ -100,16 +98,21 @@ class Trainer:
             compile_layers(model)
         self.strategy.setup(model, cfg.optim)
         self.model = self.strategy.unwrapped
-        if self.world_size > 1:
-            seed_everything(t.seed + self.rank)  # but each rank its own noise and label drops
         self.schedule = build_schedule(cfg)
         self.accumulation = t.global_batch // (t.micro_batch * self.world_size)
         self.train_loader = build_loader(cfg.data, "train", t.micro_batch, seed=t.seed, rank=self.rank,
-                                         world_size=self.world_size)
+                                         world_size=self.world_size, global_batch=t.global_batch)
         self.heldout_loader = build_loader(cfg.data, "heldout", cfg.eval.batch_size, seed=0, rank=self.rank,
                                            world_size=self.world_size)
         self.window = _Window(self.device)
         self.state = self.checkpoints.resume(self.train_loader, self.window)
+        # Written only now: a refused resume raised above and left the run directory as it was, a finished run
+        # writes nothing, and config.yaml is the config the run is running under from here on.
+        if env.is_main and not self.checkpoints.finished:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_text(self.run_dir / CONFIG_HISTORY_FILE, history_jsonl(self.state.config_history))
+            (self.run_dir / PREEMPTED_FILE).unlink(missing_ok=True)  # this attempt's outcome is not known yet
         self.logger = self._build_logger()
         self.flops = flops_per_image(cfg.model)
         self.peak_flops = cfg.logging.peak_flops or default_peak_flops(
@@ -119,7 +122,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _build_logger(self) -> MetricLogger:
         cfg = self.cfg
-        if not self.env.is_main:
+        if not self.env.is_main or self.checkpoints.finished:  # a finished run's metrics files stay as they are
             return MetricLogger([])
         sinks = [ConsoleSink(total_steps=cfg.train.steps, bar_width=20 if cfg.logging.progress else 0, extra=False),
                  # Records past the resumed step are dropped: this run logs those steps again.
@@ -134,6 +137,11 @@ class Trainer:
     def run(self) -> TrainResult:
         started = time.perf_counter()
         cfg, state = self.cfg, self.state
+        if self.checkpoints.finished:  # resume() said so; no evaluation, samples, checkpoint or summary again
+            return TrainResult(run_dir=self.run_dir, step=state.step, initial_bits_per_dim=state.initial_bits_per_dim,
+                               final_bits_per_dim=None, checkpoint=self.checkpoints.last_uri, sample_grids=[],
+                               nonfinite_steps=state.nonfinite_total, seconds=time.perf_counter() - started,
+                               already_finished=True)
         guard = PreemptionGuard(cfg.preemption.signals, 60.0 * cfg.preemption.time_limit_minutes)
         final_bpd, grids, stopped = None, [], None
         try:
@@ -179,12 +187,20 @@ class Trainer:
     def train_step(self, batches) -> float:
         """One optimizer step over ``accumulation`` micro-batches; returns the learning rate it used."""
         t, state = self.cfg.train, self.state
-        lr = self.schedule.lr(state.step + 1)
+        step = state.step + 1
+        lr = self.schedule.lr(step)
         for micro in range(self.accumulation):
-            x, y = next(batches)
-            x = corrupt(x.to(self.device, non_blocking=True), t.noise, t.noise_std)
-            y = drop_labels(y.to(self.device, non_blocking=True), t.label_drop) if self.model.config.num_classes \
-                else None
+            x, y, indices = next(batches)
+            # Per-sample draws keyed by (seed, step, index): the same on any launch (trainer.noise).
+            x = corrupt(x.to(self.device, non_blocking=True), t.noise, t.noise_std,
+                        sample_generators("noise", t.seed, step, indices, self.device))
+            if not self.model.config.num_classes:
+                y = None
+            elif t.label_drop > 0:
+                y = drop_labels(y.to(self.device, non_blocking=True), t.label_drop,
+                                sample_generators("label_drop", t.seed, step, indices, self.device))
+            else:
+                y = y.to(self.device, non_blocking=True)
             # Gradients are reduced across ranks only on the last micro-batch of a step.
             last = micro == self.accumulation - 1
             with self.strategy.accumulating() if not last else contextlib.nullcontext():

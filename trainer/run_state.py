@@ -43,6 +43,9 @@ class RunState:
     loader: dict = field(default_factory=dict)
     rng: list = field(default_factory=list)  # every rank's RNG states, in rank order
     metric_window: dict = field(default_factory=dict)  # metric sums since the last log line
+    # Which steps ran under which config: trainer.resume_policy's entries, in step order. In the checkpoint, so that
+    # a run continued from S3 alone keeps it.
+    config_history: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config, from_yaml_text
 from ..stores import StoreError, open_store
-from .files import FORMAT_VERSION, CheckpointError, atomic_torch_save, load_checkpoint_file
+from .files import FORMAT_VERSION, CheckpointError, atomic_torch_save, load_checkpoint_file, load_torch_file
 from .manager import CheckpointManager, Ranks
 from .manifest import RUN_FILE, Manifest, split_checkpoint_uri
 
@@ -48,7 +48,7 @@ def consolidated_model(uri: str) -> tuple[dict[str, torch.Tensor], Config, int]:
         if restored is None:
             raise CheckpointError(f"checkpoint step {step} under {manager} does not verify (see the warning)")
         manifest, directory = restored
-        run = torch.load(directory / RUN_FILE, map_location="cpu", weights_only=True)
+        run = load_torch_file(directory / RUN_FILE)
         model = CHECKPOINT_FORMATS[manifest.checkpoint_format].export_model_state(directory)
         return model, from_yaml_text(run["config_yaml"]), step
 

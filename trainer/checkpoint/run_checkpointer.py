@@ -1,9 +1,12 @@
 """The run checkpointer: "resume" and "save" for the training loop, one call each.
 
 It finds the checkpoint to continue (``train.resume``: auto, never, or a checkpoint's URI), asks the strategy
-whether it can load that manifest, checks that the checkpoint is of the same model, and restores the strategy, the
-run state, the RNG streams and every resumable component (the loader, the metric window) together. Saving gathers
-the same pieces and hands them to the checkpoint manager's commit protocol. The loop never names a format.
+whether it can load that manifest, decides whether this config may continue it (``trainer.resume_policy``: the same
+model, and no change to what the run computes unless ``train.resume_changes=allow``), and restores the strategy, the
+run state, the RNG streams and every resumable component (the loader, the metric window) together. A refusal is the
+same error on every rank and leaves the run directory as it was: the loop writes nothing before ``resume`` returns.
+Saving gathers the same pieces and hands them to the checkpoint manager's commit protocol. The loop never names a
+format.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from typing import Protocol
 import torch
 
 from cluster.env import ProcessEnv
+from cluster.run_contract import read_summary
 
-from ..config import Config, config_hash, from_yaml_text, model_differences, to_yaml
+from ..config import Config, ConfigError, config_hash, from_yaml_text, to_yaml
 from ..distributed import barrier, gather_objects
+from ..resume_policy import ConfigChange, change_note, check_resume, config_changes, continued_history, history_entry
 from ..run_state import RunState, capture_rng, restore_rng, seed_everything
 from ..stores import open_store
 from ..strategies import Strategy
-from .files import CheckpointError
+from .files import CheckpointError, load_torch_file
 from .manager import CheckpointManager, Ranks
 from .manifest import RUN_FILE, Manifest, split_checkpoint_uri, step_name
 
@@ -44,6 +49,7 @@ class RunCheckpointer:
             open_store(c.uri or str(self.run_dir / "checkpoints")), self.run_dir / ".checkpoint-staging",
             Ranks.current(env.local_rank), keep=c.keep, keep_every=c.keep_every, async_upload=c.async_upload)
         self.last_saved_step = -1
+        self.finished = False  # set by resume(): the run had reached train.steps and ended; nothing is left to do
         if cfg.train.resume == "never" and self.manager.steps():
             raise ValueError(f"train.resume=never but {self.manager} already holds checkpoints; choose "
                              f"a new train.run_dir (or checkpoint.uri) or resume=auto (refusing to overwrite them)")
@@ -58,35 +64,67 @@ class RunCheckpointer:
     # ---------------------------------------------------------------- resume
     def resume(self, loader: Resumable, window: Resumable) -> RunState:
         """Collective. The restored run state (a fresh one when there is nothing to resume), with the strategy,
-        loader, metric window and RNG streams restored in place."""
+        loader, metric window and RNG streams restored in place; ``finished`` says whether the run had already
+        reached ``train.steps`` and done its end (nothing is left to do). Refused (a CheckpointError or ConfigError,
+        the same on every rank): nothing is left behind."""
+        cache = self.run_dir / ".checkpoint-cache"
+        created = _missing_dirs(cache)  # what the download makes, so that a refusal can take it away again
         restored = self._find()
         if restored is None:
-            return RunState()
+            return RunState(config_history=[history_entry(0, self.cfg, [])])
         manifest, directory = restored
         where = self.manager if self.cfg.train.resume == "auto" else self.cfg.train.resume
-        reason = self.strategy.can_resume(manifest, self.env.world_size)
-        if reason:
-            raise CheckpointError(f"the checkpoint at step {manifest.step} in {where} {reason}")
-        saved = torch.load(directory / RUN_FILE, map_location="cpu", weights_only=True)
-        differences = model_differences(from_yaml_text(saved["config_yaml"]), self.cfg)
-        if differences:
-            raise CheckpointError(f"the checkpoint at step {manifest.step} in {where} is of a different model: "
-                                  + ", ".join(f"{k} = {a!r} there, {b!r} here" for k, (a, b) in differences.items()))
-        if saved["config_hash"] != config_hash(self.cfg) and self.env.is_main:
-            print(f"note: resuming from a checkpoint written with a different (compatible) config "
-                  f"(step {manifest.step})")
+        try:
+            saved, saved_cfg, changes = self._check(manifest, directory, where)
+            refusal = None
+        except (CheckpointError, ConfigError) as e:
+            refusal = e
+        # Every rank read the same files and config, so every rank decided alike; gathering the decisions also
+        # waits until every rank is done reading before the cache is removed.
+        refusals = [r for r in self.manager.ranks.all_gather(refusal) if r is not None]
+        if refusals:
+            if self.env.local_rank == 0:
+                _remove(directory, created)
+            raise refusals[0]
         self.strategy.load_state(directory)
         state = RunState.from_dict(saved["run"])
+        # Rank 0 holds the run directory (other nodes may not see it), so its answer is everybody's.
+        self.finished = self.manager.ranks.from_rank0(
+            self.env.is_main and state.step >= self.cfg.train.steps and _ended(self.run_dir, state.step))
+        if not self.finished:  # a finished run starts no new segment: nothing runs under this config
+            state.config_history = continued_history(state.config_history, saved_cfg, state.step, self.cfg, changes)
         loader.load_state_dict(state.loader)
         window.load_state_dict(state.metric_window)
         self._restore_rng(state)
         self.last_saved_step = state.step
         barrier()
         if self.env.local_rank == 0:
-            shutil.rmtree(directory, ignore_errors=True)
+            # A finished run leaves nothing behind; a continuing one keeps the run directory it is about to write.
+            _remove(directory, created if self.finished else [d for d in created if self.run_dir in d.parents])
         if self.env.is_main:
-            print(f"resumed from step {state.step} ({where})")
+            print(self._outcome(state.step, changes, where), flush=True)
         return state
+
+    def _check(self, manifest: Manifest, directory: Path, where) -> tuple[dict, Config, list[ConfigChange]]:
+        """The saved run file, its config and the changes since, if this run may continue the checkpoint; else
+        raise."""
+        reason = self.strategy.can_resume(manifest, self.env.world_size)
+        if reason:
+            raise CheckpointError(f"the checkpoint at step {manifest.step} in {where} {reason}")
+        saved = load_torch_file(directory / RUN_FILE)
+        saved_cfg = from_yaml_text(saved["config_yaml"])
+        changes = config_changes(saved_cfg, self.cfg)
+        check_resume(changes, self.cfg, manifest.step, str(where))
+        return saved, saved_cfg, changes
+
+    def _outcome(self, step: int, changes: list[ConfigChange], where) -> str:
+        steps = self.cfg.train.steps
+        if self.finished:
+            reached = "reached" if step == steps else "is past"
+            return (f"already finished: the checkpoint at step {step} in {where} {reached} train.steps={steps}; "
+                    f"nothing to do (raise train.steps to train further)")
+        note = f"{change_note(changes, step)}\n" if changes else ""
+        return f"{note}resumed from step {step} ({where})"
 
     def _restore_rng(self, state: RunState) -> None:
         rank, world_size = self.env.rank, self.env.world_size
@@ -158,3 +196,29 @@ class RunCheckpointer:
     def wait(self) -> None:
         """Never leave while an upload is in flight."""
         self.manager.wait()
+
+
+def _ended(run_dir: Path, step: int) -> bool:
+    """The run's end (final evaluation, samples, summary) was done at ``step``. A run stopped at its last step by a
+    preemption, or continued from checkpoints copied elsewhere, has not done it yet and does it on resuming."""
+    summary = read_summary(run_dir)
+    return bool(summary) and summary.get("step") == step and not summary.get("preempted")
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove(directory: Path, created: list[Path]) -> None:
+    """The downloaded checkpoint, then each of ``created`` (innermost first) that is empty now."""
+    shutil.rmtree(directory, ignore_errors=True)
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (someone else's files), or already gone
+            pass

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
 from models import TarFlow, bits_per_dim
 
 from ..distributed import all_reduce_sum
-from ..noise import dequantize
+from ..noise import dequantize, sample_generators
 from .sampler import evaluating
 
 
@@ -21,40 +19,43 @@ def heldout_loader(data_cfg, batch_size: int, rank: int = 0, world_size: int = 1
     return build_loader(data_cfg, "heldout", batch_size, seed=0, rank=rank, world_size=world_size)
 
 
-def heldout_bits_per_dim(model: TarFlow, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                         device: torch.device, *, max_images: int = 0, seed: int = 0) -> tuple[float, int]:
-    """Mean bits/dim over the held-out images and how many were used.
+def heldout_bits_per_dim(model: TarFlow, loader, device: torch.device, *, max_images: int = 0,
+                         seed: int = 0) -> tuple[float, int]:
+    """Mean bits/dim over this rank's held-out images and how many were used.
 
-    The dequantisation noise comes from its own generator, so evaluating is deterministic and leaves the training
-    RNG untouched (an evaluated run and a resumed one stay identical). Class-conditional models are evaluated as
-    p(x | y) with the true labels; unconditional ones as p(x). Returns the local sum's mean; over several ranks use
-    ``collective_bits_per_dim``.
+    ``loader`` yields ``Batch``es (images, labels, indices) and is rewound first, so every evaluation reads the
+    same images. ``max_images`` keeps the images of index < max_images (the first ones of the split), and each
+    image's dequantisation noise is keyed by (seed, its index): the images and the noise do not depend on the
+    number of ranks, and evaluating leaves the training RNG untouched. Class-conditional models are evaluated as
+    p(x | y) with the true labels; unconditional ones as p(x). Over several ranks use ``collective_bits_per_dim``.
     """
-    generator = torch.Generator(device=device).manual_seed(seed)
+    if hasattr(loader, "rewind"):
+        loader.rewind()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     with evaluating(model):
-        for x, y in batches:
-            if max_images and count >= max_images:
-                break
+        for x, y, indices in loader:
             if max_images:
-                x, y = x[: max_images - count], y[: max_images - count]
-            x = dequantize(x.to(device), generator)
+                keep = indices < max_images
+                if not bool(keep.any()):
+                    if getattr(loader, "index_ordered", False):
+                        break  # every later image of this rank has a larger index
+                    continue
+                x, y, indices = x[keep], y[keep], indices[keep]
+            x = dequantize(x.to(device), sample_generators("heldout", seed, 0, indices, device))
             labels = y.to(device) if model.config.num_classes else None
             z, logdets = model(x, labels)
             total += bits_per_dim(z, logdets, model.var).sum()
             count += x.shape[0]
+    return float(total) / max(count, 1), count
+
+
+def collective_bits_per_dim(model: TarFlow, loader, device: torch.device, *, max_images: int = 0,
+                            world_size: int = 1) -> tuple[float, int]:
+    """Collective: each rank evaluates its share (``loader``), the sums are reduced; (mean bits/dim over all
+    ranks' images, how many), on every rank. ``max_images``: the images of index < max_images, whatever the ranks."""
+    bpd, n = heldout_bits_per_dim(model, loader, device, max_images=max_images)
+    total, count = all_reduce_sum([bpd * n, float(n)], device)
     if count == 0:
         raise ValueError("the held-out split is empty; raise data.heldout_fraction")
-    return float(total) / count, count
-
-
-def collective_bits_per_dim(model: TarFlow, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                            device: torch.device, *, max_images: int = 0,
-                            world_size: int = 1) -> tuple[float, int]:
-    """Collective: each rank evaluates its share (``batches``; ``max_images``, a total, split evenly over the
-    ``world_size`` ranks), the sums are reduced; (mean bits/dim over all ranks' images, how many), on every rank."""
-    limit = -(-max_images // world_size) if max_images else 0
-    bpd, n = heldout_bits_per_dim(model, batches, device, max_images=limit)
-    total, count = all_reduce_sum([bpd * n, float(n)], device)
     return total / count, int(count)

@@ -62,7 +62,7 @@ def compute_reference_stats(data_cfg, split: str, inception: FIDNetwork, *, batc
     batches = loader.batches_per_epoch if split == "train" else None  # the train loader never ends by itself
     acc = FeatureAccumulator(inception.feature_dim, device)
     seen = 0
-    for i, (x, _) in enumerate(loader):
+    for i, (x, *_) in enumerate(loader):
         if batches is not None and i >= batches:
             break
         if limit and seen >= limit:

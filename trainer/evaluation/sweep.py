@@ -149,8 +149,9 @@ def evaluate_setting(model: TarFlow, inception: FIDNetwork | None, reference: Fe
             scorer.update(batch.indices, batch.labels, pixels)
         if sample_bpd:
             y = batch.labels if batch.labels is not None else torch.zeros(len(batch.indices), dtype=torch.int64)
-            seed = derive_seed(BPD_STREAM, base_seed, batch.indices[0]) % 2 ** 63
-            bpd, n = heldout_bits_per_dim(model, [(_to_model_space(pixels), y)], device, seed=seed)
+            # each sample's dequantisation keyed by its index: the same whatever the ranks and batches
+            bpd, n = heldout_bits_per_dim(model, [(_to_model_space(pixels), y, torch.as_tensor(batch.indices))],
+                                          device, seed=derive_seed(BPD_STREAM, base_seed) % 2 ** 63)
             bpd_sum += bpd * n
         redraws += batch.redraws
         draws += batch.draws

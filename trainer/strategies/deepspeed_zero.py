@@ -12,6 +12,7 @@ from torch import nn
 
 from models import TarFlow
 
+from ..checkpoint.files import load_torch_file
 from ..config import OptimConfig
 from ..optim import parameter_groups
 from .base import StepResult, Strategy
@@ -141,5 +142,5 @@ class DeepSpeedZeRO(Strategy):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=cls.TAG))
-        state.update(torch.load(directory / cls.BUFFERS, map_location="cpu", weights_only=True))
+        state.update(load_torch_file(directory / cls.BUFFERS))
         return state

@@ -10,6 +10,7 @@ from torch import nn
 
 from models import TarFlow
 
+from ..checkpoint.files import load_torch_file
 from ..config import FSDPConfig, OptimConfig
 from ..distributed import all_ranks_true
 from ..optim import build_optimizer
@@ -135,4 +136,4 @@ class FullyShardedDataParallel(SingleDevice):
 
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(directory, Path(tmp) / "full.pt")
-            return torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)["model"]
+            return load_torch_file(Path(tmp) / "full.pt", shown_as=directory)["model"]

@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from models import TarFlow
 
+from ..checkpoint.files import load_torch_file
 from ..config import OptimConfig
 from ..optim import build_optimizer
 from .base import StepResult, Strategy
@@ -71,10 +72,10 @@ class SingleDevice(Strategy):
                        directory / self.FILE)
 
     def load_state(self, directory: Path) -> None:
-        state = torch.load(directory / self.FILE, map_location=self.device, weights_only=True)
+        state = load_torch_file(directory / self.FILE, map_location=self.device)
         self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
     @classmethod
     def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
-        return torch.load(directory / cls.FILE, map_location="cpu", weights_only=True)["model"]
+        return load_torch_file(directory / cls.FILE)["model"]
