@@ -2,8 +2,10 @@
 
 The config and overrides are passed through as text (cluster does not import trainer). The few settings the
 launcher itself needs (train.run_dir: where the script and logs go; preemption.exit_code; checkpoint.uri) are read
-from the overrides or with a plain YAML load; the trainer validates the whole config when the job starts.
-``add_launch_parser`` adds the command to the ``tarflow`` parser, whose root handles the errors.
+from the overrides or with a plain YAML load. ``add_launch_parser`` adds the command to the ``tarflow`` parser, whose
+root handles the errors and passes ``check_config``: the trainer's validation of the config for the launch's number of
+processes, run before anything is rendered, written or submitted (a job that can only fail at start costs a queue
+wait to learn so).
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .k8s import FLAVORS, K8sJob, apply, render, to_yaml
 from .slurm import SlurmJob, submit
+
+# (config file or None, overrides, nodes, processes per node) → None, or an error naming the flag or key to change
+ConfigCheck = Callable[[str | None, list[str], int, int], None]
+
+
+def _check(args: argparse.Namespace, config: str | None, overrides: list[str], nodes: int, nproc: int) -> None:
+    if args.check_config is not None:
+        args.check_config(config, overrides, nodes, nproc)
 
 
 def _split_config_and_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -81,6 +92,7 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
                     account=args.account, signal_grace_s=args.signal_grace, max_restarts=args.max_restarts,
                     job_name=args.job_name, extra_sbatch=args.sbatch,
                     **({"preemption_exit_code": int(exit_code)} if exit_code is not None else {}))
+    _check(args, config, overrides, spec.nodes, spec.nproc_per_node)
     try:
         sub = submit(spec, dry_run=args.dry_run)
     except RuntimeError as e:
@@ -113,6 +125,10 @@ def cmd_launch_k8s(args: argparse.Namespace) -> int:
                   config_text=Path(local_config).read_text() if local_config else None,
                   overrides=overrides, run_dir=args.run_dir, checkpoint_uri=args.checkpoint_uri,
                   max_restarts=args.max_restarts, flavor=args.flavor, grace_s=args.grace, workdir=args.workdir)
+    if config and not local_config:  # a path inside the image: only the job can read it
+        print(f"# note: {config} is not here, so the config is checked only when the job starts", file=sys.stderr)
+    else:
+        _check(args, local_config, overrides, spec.nodes, spec.nproc_per_node)
     objs = render(spec)
     uri = args.checkpoint_uri or _setting(local_config, overrides, "checkpoint.uri")
     if not (uri or "").startswith("s3://"):
@@ -130,8 +146,9 @@ def cmd_launch_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_launch_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_launch_parser(subparsers: argparse._SubParsersAction, check_config: ConfigCheck | None = None) -> None:
     p = subparsers.add_parser("launch", help="submit a self-resuming training run to SLURM or Kubernetes")
+    p.set_defaults(check_config=check_config)
     targets = p.add_subparsers(dest="launch_target", required=True)
 
     s = targets.add_parser("slurm", help="render an sbatch script, write it under the run dir, submit it",

@@ -14,6 +14,7 @@ from .config import TarFlowConfig
 from .flow_block import FlowBlock
 from .inversion import DEFAULT_INIT, DEFAULT_TOL, BlockStats, InversionSettings, invert_block
 from .inversion_costs import CostModel
+from .reference_config import check_exportable, check_importable, load_reference_file
 
 VAR_EMA_RATE = 0.1  # the reference's VAR_LR for the volume-preserving prior
 
@@ -218,10 +219,11 @@ class TarFlow(nn.Module):
 
     def load_reference_state_dict(self, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike) -> None:
         if isinstance(state_dict_or_path, (str, os.PathLike)):
-            state_dict = torch.load(state_dict_or_path, map_location="cpu", weights_only=True)
+            state_dict, source = load_reference_file(state_dict_or_path), str(state_dict_or_path)
         else:
-            state_dict = state_dict_or_path
+            state_dict, source = state_dict_or_path, "the reference state dict"
         state_dict = _strip_wrapper_prefixes(dict(state_dict))
+        check_importable(self.config, state_dict, source)
         T = self.config.num_patches
         causal = torch.tril(torch.ones(T, T))
         for key in [k for k in state_dict if _ATTN_MASK_KEY.fullmatch(k)]:
@@ -233,7 +235,9 @@ class TarFlow(nn.Module):
         self.load_state_dict(state_dict, strict=True)
 
     def reference_state_dict(self) -> dict[str, torch.Tensor]:
-        """A state dict the official code loads with ``strict=True`` (it adds each block's float ``attn_mask``)."""
+        """A state dict the official code loads with ``strict=True`` (it adds each block's float ``attn_mask``) and
+        computes this model from; refuses a model it would compute differently (see ``reference_config``)."""
+        check_exportable(self.config)
         T = self.config.num_patches
         out: dict[str, torch.Tensor] = {}
         masked: set[str] = set()

@@ -31,6 +31,10 @@ _ALPHA_BOUNDS = (1e-4, 10.0)
 _LOGA_BOUNDS = (-60.0, 60.0)  # the power-law term at x_ref is between e^-60 and e^60 of a loss unit
 _ALPHA_STARTS = (0.05, 0.15, 0.4, 1.0, 2.5)
 _E_START_FRACTIONS = (0.0, 0.5, 0.9)  # of the smallest observed loss
+N_PARAMETERS = 3  # E, A, alpha
+# A direction of the parameters that moves the losses by less than this fraction of the best-determined one is flat:
+# the points do not pin the law down along it (well-posed studies measure 1e-3 and above; flat losses 1e-12).
+_SINGULAR_RATIO = 1e-7
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class Points:
 @dataclass
 class ScalingFit:
     """A fitted L(x) = E + A·x^(−α). ``intervals`` maps "E", "A", "alpha" to (low, high) percentile bounds at
-    ``confidence``; ``band_x``/``band_low``/``band_high`` are the pointwise interval of the predicted curve."""
+    ``confidence``; ``band_x``/``band_low``/``band_high`` are the pointwise interval of the predicted curve. When the
+    data cannot estimate intervals, ``intervals`` is empty, the band has zero width and ``no_intervals`` says why."""
 
     E: float
     A: float
@@ -79,6 +84,7 @@ class ScalingFit:
     resample: str = "within"
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    no_intervals: str = ""  # why there are none (too few points, a degenerate bootstrap, n_boot=0)
 
     def predict(self, x) -> np.ndarray:
         return _predict(np.asarray(x, dtype=float), self.E, self.A, self.alpha)
@@ -92,7 +98,8 @@ class ScalingFit:
             lo, hi = self.intervals[key]
             return f"{value:.3g} [{lo:.3g}, {hi:.3g}]"
 
-        return f"L = {fmt('E', self.E)} + {fmt('A', self.A)}·{symbol}^−{fmt('alpha', self.alpha)}"
+        law = f"L = {fmt('E', self.E)} + {fmt('A', self.A)}·{symbol}^−{fmt('alpha', self.alpha)}"
+        return f"{law} (no intervals: {self.no_intervals})" if intervals and self.no_intervals else law
 
     def to_dict(self) -> dict:
         return {
@@ -107,6 +114,7 @@ class ScalingFit:
             "seed": self.seed,
             "band": {"x": self.band_x.tolist(), "low": self.band_low.tolist(), "high": self.band_high.tolist()},
             **({"extra": self.extra} if self.extra else {}),
+            **({"no_intervals": self.no_intervals} if self.no_intervals else {}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -123,6 +131,7 @@ class ScalingFit:
             band_x=np.asarray(band["x"], dtype=float), band_low=np.asarray(band["low"], dtype=float),
             band_high=np.asarray(band["high"], dtype=float), n_boot=int(d.get("n_boot", 0)),
             resample=str(d.get("resample", "within")), seed=int(d.get("seed", 0)), extra=dict(d.get("extra", {})),
+            no_intervals=str(d.get("no_intervals", "")),
         )
 
     @classmethod
@@ -226,6 +235,10 @@ def fit_scaling_law(points: Points, *, n_boot: int = 1000, confidence: float = 0
     theta = _solve(u, log_loss, _starts(u, loss), tol=1e-12)
     if theta is None:
         raise ValueError("the fit did not converge from any starting point")
+    flat = _flat_direction(theta, u, log_loss)
+    if flat:
+        raise ValueError(f"the {len(x)} points do not determine E, A and alpha: {flat}; add sizes over a wider "
+                         f"range of {what}")
     residual_rms = float(np.sqrt(np.mean(_residuals(theta, u, log_loss) ** 2)))
 
     def to_law(t: np.ndarray) -> tuple[float, float, float]:
@@ -243,6 +256,14 @@ def fit_scaling_law(points: Points, *, n_boot: int = 1000, confidence: float = 0
     band_x = np.asarray(band_x, dtype=float)
     band_u = np.log(band_x / x_ref)
 
+    # With no more points than parameters the law passes through every point (or every x's mean): a bootstrap
+    # replicate then refits the same interpolant and its "interval" has zero width whatever the noise.
+    no_intervals = "" if n_boot else "not computed (n_boot=0)"
+    if n_boot and len(x) <= N_PARAMETERS:
+        no_intervals = (f"{len(x)} points for {N_PARAMETERS} parameters (E, A, alpha): the law passes through every "
+                        f"point, so nothing measures its uncertainty; intervals need at least {N_PARAMETERS + 1} "
+                        f"points (more sizes, or more seeds per size)")
+        n_boot = 0
     rng = np.random.default_rng(seed)
     # A replicate is a small perturbation of the data, so it starts from the full-data optimum; the E = 0 start covers
     # the other valley replicates fall into (the pure power law on the boundary). Trying the whole start grid as well
@@ -262,15 +283,54 @@ def fit_scaling_law(points: Points, *, n_boot: int = 1000, confidence: float = 0
     E, A, alpha = to_law(theta)
     central = E + np.exp(theta[1] - theta[2] * band_u)
     tail = 100 * (1 - confidence) / 2
+    intervals: dict[str, tuple[float, float]] = {}
+    band_low, band_high = central.copy(), central.copy()
     if params:
         p_lo, p_hi = np.percentile(np.array(params), [tail, 100 - tail], axis=0)
-        band_low, band_high = np.percentile(np.array(curves), [tail, 100 - tail], axis=0)
         intervals = {k: (float(p_lo[i]), float(p_hi[i])) for i, k in enumerate(("E", "A", "alpha"))}
-    else:  # n_boot=0: a point estimate only, and a band of zero width
-        intervals, band_low, band_high = {}, central.copy(), central.copy()
+        no_intervals = _degenerate(intervals, {"E": E, "A": A, "alpha": alpha}, len(params))
+        if no_intervals:
+            intervals = {}
+        else:
+            band_low, band_high = np.percentile(np.array(curves), [tail, 100 - tail], axis=0)
+    elif n_boot:
+        no_intervals = f"none of the {n_boot} bootstrap replicates could be fitted"
     return ScalingFit(E=E, A=A, alpha=alpha, intervals=intervals, confidence=confidence, n_points=len(x),
                       residual_rms=residual_rms, band_x=band_x, band_low=band_low, band_high=band_high,
-                      n_boot=len(params), resample=resample, seed=seed)
+                      n_boot=len(params) if intervals else 0, resample=resample, seed=seed, no_intervals=no_intervals)
+
+
+def _flat_direction(theta: np.ndarray, u: np.ndarray, log_loss: np.ndarray) -> str:
+    """Why the optimum is not unique, or "": a direction of (E, log A, alpha) along which no point's loss moves.
+    Each column of the Jacobian is a relative change of L per unit of a scale-free parameter (E in units of the
+    smallest loss), so the singular values compare like with like; a power-law term too small to show in any point
+    (the losses are flat) leaves A and alpha undetermined."""
+    J = _jacobian(theta, u, log_loss)
+    J[:, 0] *= float(np.exp(log_loss.min()))
+    singular = np.linalg.svd(J, compute_uv=False)
+    if singular[-1] < _SINGULAR_RATIO * singular[0]:
+        term = float(np.exp(theta[1] - theta[2] * u).max() / np.exp(log_loss).min())
+        ratio = singular[-1] / singular[0]
+        return (f"the fit is singular (smallest/largest singular value of its Jacobian {ratio:.2g}; the power-law term"
+                f" is at most {term:.2g} of the loss), so A and alpha are not determined")
+    return ""
+
+
+def _degenerate(intervals: dict[str, tuple[float, float]], estimate: dict[str, float], replicates: int) -> str:
+    """Why these bootstrap intervals cannot be reported, or "": no width in any parameter (every replicate refits the
+    same law, so they measure nothing; one parameter alone may sit on its bound, E = 0, in every replicate), or an
+    interval that leaves out its own estimate (the replicates settled in another optimum than the data did)."""
+    widths = {key: hi - lo for key, (lo, hi) in intervals.items()}
+    if all(widths[key] <= 1e-9 * max(abs(estimate[key]), 1e-12) for key in intervals):
+        return (f"all {replicates} bootstrap replicates refit the same law: they do not vary the data enough to "
+                f"estimate its uncertainty")
+    for key, (lo, hi) in intervals.items():
+        value = estimate[key]
+        slack = 1e-6 * max(abs(value), hi - lo)
+        if not lo - slack <= value <= hi + slack:
+            return (f"the bootstrap interval of {key} [{lo:.4g}, {hi:.4g}] excludes its own estimate {value:.4g}: "
+                    f"the replicates fit another optimum than the data")
+    return ""
 
 
 def _draw(rng: np.random.Generator, u: np.ndarray, log_loss: np.ndarray, groups: list[np.ndarray],

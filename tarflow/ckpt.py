@@ -87,8 +87,9 @@ def export_reference(args: argparse.Namespace) -> int:
     from trainer.evaluation.loading import load_model
 
     model, _ = load_model(args.checkpoint, torch.device("cpu"))
+    state = model.reference_state_dict()  # refuses, before anything is written, what the official code gets wrong
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(model.reference_state_dict(), out)
+    atomic_torch_save(state, out)
     print(out)
     return 0

@@ -15,10 +15,12 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster.env import discover
     from trainer.loop import train
 
     config_path, overrides = split_config_and_overrides(args.rest)
-    cfg = load_config(config_path, overrides)
+    # validated for the launch's size: a batch that does not split over torchrun's ranks names their number
+    cfg = load_config(config_path, overrides, world_size=discover().world_size)
     result = train(cfg)
     if result.preempted:
         print(f"stopped at step {result.step} ({result.preempted}); checkpoint {result.checkpoint}; exit code "

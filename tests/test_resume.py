@@ -70,7 +70,7 @@ def test_resume_from_s3_reproduces_the_uninterrupted_run(tmp_path, s3_bucket, st
     after = {s: v for s, v in losses(tmp_path / "straight").items() if s > 8}
     assert losses(tmp_path / "crashed") == after  # steps 9-12 only, each with the uninterrupted run's loss
     # The final held-out bits/dim covers all 180 images on any number of ranks, and one process evaluating the
-    # checkpoint agrees up to the dequantisation noise, which each rank draws from its own generator.
+    # checkpoint agrees: each image's dequantisation noise is keyed by its index, whichever rank evaluates it.
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval/images"] for r in records if "eval/images" in r] == [180]
     capsys.readouterr()
@@ -78,30 +78,7 @@ def test_resume_from_s3_reproduces_the_uninterrupted_run(tmp_path, s3_bucket, st
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
     assert report["images"] == 180
-    assert report["bits_per_dim"] == pytest.approx(summary["final_bits_per_dim"],
-                                                   rel=1e-9 if strategy == "single" else 1e-4)
-
-
-def test_fsdp_checkpoints_reshard_between_two_ranks_and_one(tmp_path, s3_bucket, capsys):
-    """2 → 1 and 1 → 2: the resumed model is the saved one (its held-out bits/dim equals a one-process evaluation
-    of the checkpoint). (That training then goes on exactly is the same-world-size resume test's job.)"""
-    for saved, resumed in ((2, 1), (1, 2)):
-        uri = f"s3://{s3_bucket}/w{saved}"
-        micro = [f"train.micro_batch={16 // saved}"]
-        run("fsdp", tmp_path / f"w{saved}", uri, "train.steps=8", *micro, nproc=saved)
-        copy_prefix(s3_bucket, f"w{saved}/step-00000008/", f"w{saved}to{resumed}/step-00000008/")
-        target = f"s3://{s3_bucket}/w{saved}to{resumed}"
-        out = run("fsdp", tmp_path / f"w{saved}to{resumed}", target, f"train.micro_batch={16 // resumed}",
-                  "train.steps=8", nproc=resumed)
-        assert "resumed from step 8" in out.stdout and f"checkpoint has RNG states of {saved} ranks" in out.stdout
-        summary = json.loads((tmp_path / f"w{saved}to{resumed}" / "summary.json").read_text())
-        capsys.readouterr()
-        # (`tarflow eval` in this process: a subprocess would only add its start-up)
-        assert main(["eval", f"{uri}/step-00000008", "--device", "cpu"]) == 0, capsys.readouterr().err
-        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        # One rank draws the same dequantisation noise as the one-process evaluation; two ranks draw their own.
-        assert summary["final_bits_per_dim"] == pytest.approx(report["bits_per_dim"], rel=1e-9 if resumed == 1
-                                                              else 1e-4)
+    assert report["bits_per_dim"] == pytest.approx(summary["final_bits_per_dim"], rel=1e-9)
 
 
 def test_sigterm_saves_exits_with_the_requeue_code_and_resumes_exactly(tmp_path, s3_bucket):

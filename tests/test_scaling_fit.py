@@ -211,3 +211,60 @@ def test_frontier_ranks_by_seed_mean_not_a_lucky_seed():
 def test_frontier_needs_sizes():
     with pytest.raises(ValueError, match="model size"):
         compute_frontier(Points(x=[1, 2, 3], loss=[3, 2, 1]))
+
+
+# ---------------------------------------------------------------- fits that cannot estimate intervals
+
+def test_three_points_give_the_interpolating_law_and_no_intervals():
+    # Three points determine E, A and alpha exactly: the fit is the law through them, and no spread is left to
+    # measure. The truth is recovered from noise-free points; noisy ones are passed through exactly.
+    x = np.array([1e3, 1e4, 1e5])
+    exact = fit_scaling_law(Points(x=x, loss=1.0 + 30.0 * x ** -0.35), n_boot=100)
+    assert (exact.E, exact.A, exact.alpha) == pytest.approx((1.0, 30.0, 0.35), rel=1e-6)
+    noisy_loss = (1.0 + 30.0 * x ** -0.35) * np.array([1.02, 0.99, 1.01])
+    fit = fit_scaling_law(Points(x=x, loss=noisy_loss), n_boot=100)
+    np.testing.assert_allclose(fit.predict(x), noisy_loss, rtol=1e-8)
+    assert fit.intervals == {} and fit.n_boot == 0
+    reason = ("3 points for 3 parameters (E, A, alpha): the law passes through every point, so nothing measures its "
+              "uncertainty; intervals need at least 4 points (more sizes, or more seeds per size)")
+    assert fit.no_intervals == reason
+    assert fit.law("N") == f"L = {fit.E:.3g} + {fit.A:.3g}·N^−{fit.alpha:.3g} (no intervals: {reason})"
+    np.testing.assert_array_equal(fit.band_low, fit.band_high)  # no band either
+    back = ScalingFit.from_json(fit.to_json())
+    assert back.no_intervals == reason and back.intervals == {}
+
+
+def test_replicates_that_never_vary_the_data_give_no_intervals():
+    # "within" with one seed per size has nothing to redraw: every replicate is the data itself.
+    points = synthetic(1.0, 30.0, 0.35, 0.01, seeds=1, sizes=6)
+    fit = fit_scaling_law(points, n_boot=40, resample="within")
+    assert fit.intervals == {} and fit.n_boot == 0
+    assert fit.no_intervals == ("all 40 bootstrap replicates refit the same law: they do not vary the data enough to "
+                                "estimate its uncertainty")
+    assert fit.E == pytest.approx(fit_scaling_law(points, n_boot=0).E)  # the point estimate is kept
+
+
+def test_an_interval_that_excludes_its_estimate_is_refused():
+    from scaling.fit import _degenerate
+
+    estimate = {"E": 1.0, "A": 30.0, "alpha": 0.35}
+    fine = {"E": (0.9, 1.1), "A": (20.0, 40.0), "alpha": (0.3, 0.4)}
+    assert _degenerate(fine, estimate, 50) == ""
+    assert _degenerate({**fine, "E": (1.2, 1.4)}, estimate, 50) == (
+        "the bootstrap interval of E [1.2, 1.4] excludes its own estimate 1: the replicates fit another optimum "
+        "than the data")
+    # A pure power law's E sits on its bound in every replicate: that alone is not degenerate.
+    assert _degenerate({**fine, "E": (0.0, 0.0)}, {**estimate, "E": 0.0}, 50) == ""
+
+
+def test_flat_losses_do_not_determine_the_law():
+    x = np.geomspace(1e3, 1e7, 5)
+    with pytest.raises(ValueError, match=r"^the 5 points do not determine E, A and alpha: the fit is singular "
+                                         r"\(.*\), so A and alpha are not determined; add sizes over a wider range "
+                                         r"of parameter count$"):
+        fit_scaling_law(Points(x=x, loss=np.full(5, 2.0)), n_boot=10, what="parameter count")
+
+
+def test_n_boot_zero_says_intervals_were_not_computed():
+    fit = fit_scaling_law(synthetic(1.0, 30.0, 0.35, 0.01), n_boot=0)
+    assert fit.intervals == {} and fit.no_intervals == "not computed (n_boot=0)"

@@ -45,3 +45,17 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch):
     monkeypatch.setattr(tarflow.data, "write", broken)
     with pytest.raises(KeyError):
         main(["data", "write", "--source", "digits", "--format", "mds", "--out", "/nonexistent"])
+
+
+def test_a_batch_that_does_not_split_over_the_launch_names_its_size(tmp_path, capsys, monkeypatch):
+    """As under `torchrun --nproc_per_node=3`: the config is validated for the launch's 3 ranks, before anything."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3",
+                       "TORCHELASTIC_RUN_ID": "test"}.items():
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
+    code = main(["train", f"train.run_dir={run_dir}", "train.strategy=ddp", "train.global_batch=32",
+                 "train.micro_batch=32"])
+    assert code == USAGE_ERROR
+    assert capsys.readouterr().err.strip() == ("tarflow train: error: train.global_batch: 32 is not divisible by "
+                                               "train.micro_batch × data-parallel size = 32 × 3 = 96")
+    assert not run_dir.exists()

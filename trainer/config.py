@@ -174,8 +174,10 @@ def split_config_and_overrides(args: Sequence[str]) -> tuple[str | None, list[st
     return None, list(args)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
-    """Defaults (or ``base``) ← YAML file ← ``key=value`` overrides, checked and validated; the typed config."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None,
+                world_size: int = 1) -> Config:
+    """Defaults (or ``base``) ← YAML file ← ``key=value`` overrides, checked and validated for a launch of
+    ``world_size`` data-parallel processes (``validate``); the typed config."""
     merged: DictConfig = OmegaConf.structured(base if base is not None else Config)
     layers: list[tuple[str, Any]] = []
     if path is not None:
@@ -199,7 +201,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
         cfg = OmegaConf.to_object(merged)
     except (ValueError, OmegaConfBaseException) as e:  # TarFlowConfig validates itself on construction
         raise ConfigError(str(e).replace("TarFlowConfig.", "model.")) from None
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 

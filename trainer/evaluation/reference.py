@@ -58,17 +58,27 @@ def compute_reference_stats(data_cfg, split: str, inception: FIDNetwork, *, batc
         raise ValueError(f"--split must be train or heldout, got {split!r}")
     image_shape, _ = dataset_info(data_cfg)
     loader = build_loader(data_cfg, split, batch_size, seed=0, rank=rank, world_size=world_size)
-    limit = -(-max_images // world_size) if max_images else 0
-    batches = loader.batches_per_epoch if split == "train" else None  # the train loader never ends by itself
+    train = split == "train"
+    batches = loader.batches_per_epoch if train else None  # the train loader never ends by itself
+    # train: each rank its first share of the epoch's shuffled order (its ranks interleave one global order);
+    # heldout: the images of index < max_images, the same set on any number of ranks
+    limit = -(-max_images // world_size) if max_images and train else 0
     acc = FeatureAccumulator(inception.feature_dim, device)
     seen = 0
-    for i, (x, *_) in enumerate(loader):
+    for i, (x, _, indices) in enumerate(loader):
         if batches is not None and i >= batches:
             break
         if limit and seen >= limit:
             break
         if limit:
             x = x[: limit - seen]
+        elif max_images:
+            keep = indices < max_images
+            if not bool(keep.any()):
+                if loader.index_ordered:
+                    break
+                continue
+            x = x[keep]
         acc.update(inception.features(x))
         seen += x.shape[0]
     acc.all_reduce()
