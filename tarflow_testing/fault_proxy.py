@@ -11,7 +11,9 @@ bytes are forwarded unchanged; a chunked request body (``Transfer-Encoding: chun
 checksum trailers) is forwarded raw, byte for byte. Both sides keep their connections alive.
 
 A rule matches on the method and a substring of the request target (path and query, e.g. ``"partNumber="`` for
-UploadPart); the first rule that matches and has uses left fires. Every request is recorded in ``proxy.seen``.
+UploadPart); the first rule that matches and has uses left fires. Every request is recorded in ``proxy.seen``,
+and when its handling began and ended in ``proxy.exchanges``: ``in_flight_over(t0, t1, ...)`` says which requests
+were being handled all through a moment (e.g. a client's SIGKILL), ``wait_idle()`` waits until none is.
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ class Rule:
                 and (self.path_contains is None or self.path_contains in target))
 
 
+@dataclass
+class Exchange:
+    """One request's handling by the proxy, on ``time.monotonic()``'s clock (``ended``: None while in flight). A
+    request whose client died goes on to its end here: it was sent, so it still takes effect upstream."""
+    method: str
+    target: str
+    started: float
+    ended: float | None = None
+
+
 @dataclass(frozen=True)
 class Seen:
     method: str
@@ -76,6 +88,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._seen: list[Seen] = []
+        self._exchanges: list[Exchange] = []
         self._conns: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._saved_env: dict[str, str | None] = {}
@@ -170,6 +183,11 @@ class FaultProxy:
         """Wait ``seconds`` before forwarding (for read timeouts)."""
         return self._add(Rule("delay", n, method, path_contains, seconds=seconds))
 
+    def remove(self, rule: Rule) -> None:
+        """Forget one rule (as returned by ``fail_next``, ``delay_next``, …); the others stay."""
+        with self._lock:
+            self._rules = [r for r in self._rules if r is not rule]
+
     def clear(self) -> None:
         """Forget all rules (the record of requests stays)."""
         with self._lock:
@@ -187,6 +205,46 @@ class FaultProxy:
     def _record(self, method: str, target: str, fault: str | None) -> None:
         with self._lock:
             self._seen.append(Seen(method, target, fault))
+
+    def _begin(self, method: str, target: str) -> Exchange:
+        exchange = Exchange(method, target, time.monotonic())
+        with self._lock:
+            self._exchanges.append(exchange)
+        return exchange
+
+    def _end(self, exchange: Exchange) -> None:
+        with self._lock:
+            exchange.ended = time.monotonic()
+
+    # -- timing ------------------------------------------------------------------------------------------------------
+
+    @property
+    def exchanges(self) -> list[Exchange]:
+        with self._lock:
+            return [Exchange(e.method, e.target, e.started, e.ended) for e in self._exchanges]
+
+    def in_flight_over(self, t0: float, t1: float, method: str | None = None,
+                       path_contains: str | None = None) -> list[Exchange]:
+        """Matching requests that were being handled from ``t0`` to ``t1`` (``time.monotonic()``), throughout: begun
+        by ``t0`` and not ended before ``t1``. With ``t0 == t1``: in flight at that moment."""
+        with self._lock:
+            return [Exchange(e.method, e.target, e.started, e.ended) for e in self._exchanges
+                    if e.started <= t0 and (e.ended is None or e.ended >= t1)
+                    and (method is None or e.method == method.upper())
+                    and (path_contains is None or path_contains in e.target)]
+
+    def in_flight(self, method: str | None = None, path_contains: str | None = None) -> list[Exchange]:
+        now = time.monotonic()
+        return self.in_flight_over(now, now, method, path_contains)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Wait until no request is being handled (e.g. the delayed ones of a client that was killed: they still
+        reach the upstream, so the store's state is settled only after them)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"requests still in flight after {timeout} s: {self.in_flight()}")
+            time.sleep(0.01)
 
     # -- counters ----------------------------------------------------------------------------------------------------
 
@@ -237,7 +295,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        self._handle()
+        exchange = self.proxy._begin(self.command, self.path)
+        try:
+            self._handle()
+        finally:
+            self.proxy._end(exchange)
 
     do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
