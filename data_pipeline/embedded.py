@@ -10,7 +10,9 @@ real pixels anywhere.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,13 +29,18 @@ class EmbeddedImages:
 
 
 def _digits() -> EmbeddedImages:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    # The file that sklearn.datasets.load_digits reads, read the way it reads it (np.loadtxt; 64 pixels then the
+    # label per row), found without importing sklearn: its import (scipy.stats and more) costs every training
+    # process seconds, and every process of a launch loads the embedded set. tests/test_embedded.py compares with
+    # load_digits itself.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ImportError("the embedded digits come with scikit-learn: pip install scikit-learn")
+    table = np.loadtxt(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
     # sklearn stores integer intensities 0..16 as float64; spread them over 0..255 (np.rint: half to even,
     # which only matters for 8 -> 127.5 -> 128).
-    values = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    return EmbeddedImages(values[:, None], bunch.target.astype(np.int64), 10, "digits")
+    values = np.rint(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
+    return EmbeddedImages(values[:, None], table[:, -1].astype(np.int64), 10, "digits")
 
 
 # Colour photographs from skimage.data that load offline (those needing pooch are excluded). Not used: the grey

@@ -100,6 +100,20 @@ def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path):
         RunCheckpointer(config(tmp_path, "train.resume=never"), ProcessEnv(), SingleDevice(CPU), CPU)
 
 
+
+def test_a_named_checkpoint_that_cannot_be_restored_is_one_error_naming_the_file(tmp_path, recwarn):
+    cfg = config(tmp_path)
+    saver = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 0), CPU)
+    saver.save(saver.resume(Component(), Component()), Component(), Component())
+    saver.finish(required=True)
+    named = tmp_path / "checkpoints" / "step-00000000"
+    (named / "manifest.json").unlink()
+    other = config(tmp_path / "other", f"train.resume={named}")
+    with pytest.raises(CheckpointError, match=rf"^train.resume: cannot restore checkpoint {named}: cannot read "
+                                              rf"{named}/manifest.json"):
+        RunCheckpointer(other, ProcessEnv(), trained_strategy(other, 0), CPU).resume(Component(), Component())
+    assert not [w for w in recwarn if "skipping checkpoint" in str(w.message)]  # the error says it all
+
 def manifest(fmt: str, strategy: str, world_size: int) -> Manifest:
     return Manifest(step=4, strategy=strategy, checkpoint_format=fmt, world_size=world_size, config_hash="x")
 

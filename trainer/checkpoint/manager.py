@@ -34,6 +34,7 @@ class SaveResult:
     error: str | None
     blocked_seconds: float  # training waited this long (staging)
     total_seconds: float    # staging + upload + commit
+    bytes: int = 0          # uploaded by all ranks (the files the manifest lists)
     reported: bool = False  # the loop has logged it
 
 
@@ -138,6 +139,11 @@ class CheckpointManager:
             self.wait()
         return blocked
 
+    @property
+    def in_flight(self) -> bool:
+        """A save's upload is still running (asking does not wait for it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight (if any); its result."""
         if self._thread is not None:
@@ -165,7 +171,8 @@ class CheckpointManager:
             stage.parent.rmdir()  # the step's staging directory, once every local rank has cleared its part
         except OSError:
             pass
-        self._result = SaveResult(step, outcome is None, outcome, blocked, time.perf_counter() - started)
+        uploaded = sum(info["size"] for rank_files, _ in reports for info in rank_files.values())
+        self._result = SaveResult(step, outcome is None, outcome, blocked, time.perf_counter() - started, uploaded)
 
     def _commit(self, step: int, manifest: Manifest, reports: list) -> str | None:
         """Rank 0: the manifest goes up last, only if every rank uploaded all its files. Returns an error or None."""
@@ -202,9 +209,10 @@ class CheckpointManager:
             self.store.delete([i.key for i in self.store.list(f"{name}/")])
 
     # ---------------------------------------------------------------- loading
-    def restore(self, step: int, cache_dir: Path) -> tuple[Manifest, Path] | None:
-        """Collective. Download (once per node) and verify checkpoint ``step`` into ``cache_dir``; None on every
-        rank if any rank could not (a warning names the checkpoint and the reason)."""
+    def restore(self, step: int, cache_dir: Path, required: bool = False) -> tuple[Manifest, Path] | None:
+        """Collective. Download (once per node) and verify checkpoint ``step`` into ``cache_dir``. If any rank could
+        not: a ``CheckpointError`` naming the checkpoint and the reason when ``required`` (a checkpoint the user
+        named), else a warning and None on every rank (the caller tries an older one)."""
         name = step_name(step)
         local = Path(cache_dir) / name
         manifest, error = None, None
@@ -219,6 +227,8 @@ class CheckpointManager:
         except (CheckpointError, StoreError, OSError) as e:
             error = str(e)
         errors = [e for e in self.ranks.all_gather(error) if e]
+        if errors and required:
+            raise CheckpointError(f"cannot restore checkpoint {self.store.uri_for(name)}: {errors[0]}")
         if errors:
             warnings.warn(f"skipping checkpoint {self.store.uri_for(name)}: {errors[0]}", stacklevel=2)
             return None

@@ -149,10 +149,10 @@ class RunCheckpointer:
             raise CheckpointError(f"train.resume={resume!r}: expected auto, never, or a checkpoint's URI ending in "
                                   f"step-NNNNNNNN")
         explicit = CheckpointManager(open_store(root), self.run_dir / ".checkpoint-staging", self.manager.ranks)
-        restored = explicit.restore(step, cache)
-        if restored is None:
-            raise CheckpointError(f"train.resume={resume!r} cannot be restored (see the warning above)")
-        return restored
+        try:
+            return explicit.restore(step, cache, required=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"train.resume: {e}") from None
 
     # ---------------------------------------------------------------- save
     def save(self, state: RunState, loader: Resumable, window: Resumable) -> dict | None:
@@ -187,11 +187,17 @@ class RunCheckpointer:
         result.reported = True
         if result.committed:
             return {"step": result.step, "metrics": {"checkpoint/save_seconds": result.total_seconds,
-                                                     "checkpoint/blocked_seconds": result.blocked_seconds}}
+                                                     "checkpoint/blocked_seconds": result.blocked_seconds,
+                                                     "checkpoint/bytes": result.bytes}}
         if required:
             raise CheckpointError(result.error)
         warnings.warn(f"{result.error}; training goes on, the previous checkpoint is intact", stacklevel=2)
         return {"step": result.step, "metrics": {"checkpoint/failed_step": result.step}}
+
+    def poll(self) -> dict | None:
+        """The record of a save whose upload has finished and that was not reported yet, without waiting for one
+        still in flight (so the loop reports a save soon after it is committed, not when the next save starts)."""
+        return None if self.manager.in_flight else self.finish(required=False)
 
     def wait(self) -> None:
         """Never leave while an upload is in flight."""

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from models import TarFlow
 
@@ -48,7 +48,7 @@ class SingleDevice(Strategy):
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if isinstance(norm, DTensor):  # sharded gradients: the norm is already over all shards
+        if _is_dtensor(norm):  # sharded gradients: the norm is already over all shards
             norm = norm.full_tensor()
         # One host sync per step: the decision to skip must be taken before the optimizer touches its state, and
         # (data-parallel) by every rank alike: a NaN loss on one rank skips the step everywhere.
@@ -79,3 +79,10 @@ class SingleDevice(Strategy):
     @classmethod
     def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
         return load_torch_file(directory / cls.FILE)["model"]
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """Without importing torch.distributed.tensor (seconds per process, for every single and DDP run): a DTensor
+    exists only once its module has been imported (by FSDP)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
