@@ -202,7 +202,7 @@ def plan_study(spec: StudySpec, directory: str | Path | None = None) -> list[Poi
                     point = Point(name=name, size=size.name, budget=budget_name(budget), seed=seed,
                                   run_dir=str(run_dir), argv=[], error=size_error, grid=dict(combo))
                     if sized is not None:
-                        _fill(point, spec, config, sized, size_overrides + combo_overrides, budget)
+                        _fill(point, spec, config, sized, size_overrides + combo_overrides, budget, root)
                     points.append(point)
     if "train.noise_std" in spec.grid and noises and "gaussian" not in noises:
         raise StudyError(f"{spec.source}: grid.train.noise_std: every point trains with train.noise=uniform "
@@ -236,8 +236,17 @@ def _check_grid_values(spec: StudySpec, config: str | None) -> None:
                 raise StudyError(f"{spec.source}: grid.{key}: {v!r}: {e}") from None
 
 
+def grouping_overrides(spec: StudySpec, point_name: str, root: Path) -> list[str]:
+    """How a study's points are filed together where runs are compared: wandb group = the study's name, the point's
+    name as the run name, and one TensorBoard directory for the study (``tensorboard --logdir <study>/tensorboard``
+    shows every point as a run). Logging only (``trainer.resume_policy``: free to change on resume); they come
+    before the study's own overrides, which may set any of them otherwise."""
+    return [f"logging.wandb_group={spec.name}", f"logging.run_name={point_name}",
+            f"logging.tensorboard_dir={root / 'tensorboard'}"]
+
+
 def _fill(point: Point, spec: StudySpec, config: str | None, sized, size_overrides: list[str],
-          budget: Budget) -> None:
+          budget: Budget, root: Path) -> None:
     gb = sized.train.global_batch
     fpi = train_flops_per_image(sized.model)
     if budget.steps is not None:
@@ -246,7 +255,8 @@ def _fill(point: Point, spec: StudySpec, config: str | None, sized, size_overrid
         steps = max(1, round(budget.images / gb))
     else:
         steps = max(1, round(budget.flops / (fpi * gb)))
-    overrides = list(spec.overrides) + size_overrides + [f"train.steps={steps}"]
+    overrides = grouping_overrides(spec, point.name, root) + list(spec.overrides) + size_overrides + \
+        [f"train.steps={steps}"]
     if spec.warmup_fraction is not None:
         overrides.append(f"schedule.warmup_steps={int(spec.warmup_fraction * steps)}")
     overrides += [f"train.seed={point.seed}", *_measurement(spec), "train.resume=auto",

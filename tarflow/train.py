@@ -1,27 +1,88 @@
-"""``tarflow train [CONFIG] [key=value ...]``."""
+"""``tarflow train [CONFIG] [key=value ...] [--print-config | --dry-run [--world-size N] [--nodes K]]``."""
 
 from __future__ import annotations
 
 import argparse
 
-from trainer.config import load_config, split_config_and_overrides
+from trainer.config import load_config, split_config_and_overrides, to_yaml
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (a CONFIG that gives the same run) and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check config, data, storage and the resume decision, print the memory plan, and exit "
+                        "without writing anything")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --dry-run or --print-config: plan for N data-parallel ranks instead of this launch's")
+    p.add_argument("--nodes", type=int, default=1, metavar="K",
+                   help="with --world-size: the N ranks are on K nodes (fsdp.hybrid shards within a node)")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train (no CONFIG: the embedded digits default)",
-                       description="tarflow train [CONFIG.yaml] [section.key=value ...]")
-    p.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
+                       description="tarflow train [CONFIG.yaml] [section.key=value ...] [flags]")
+    _add_flags(p)
+    # The flags may also come after CONFIG and the overrides (argparse stops at the first positional otherwise).
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[CONFIG] [key=value ...]")
     p.set_defaults(func=run)
 
 
+def _split_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags given among CONFIG and the overrides, merged with those given before them."""
+    later = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_flags(later)
+    flags, rest = later.parse_known_args(args.rest)
+    unknown = [a for a in rest if a.startswith("-")]
+    if unknown:
+        raise ValueError(f"tarflow train does not know the option {unknown[0]!r}; its options are --print-config, "
+                         f"--dry-run, --world-size N and --nodes K (see tarflow train --help)")
+    merged = argparse.Namespace(**vars(args))
+    merged.rest = rest
+    merged.print_config = args.print_config or flags.print_config
+    merged.dry_run = args.dry_run or flags.dry_run
+    merged.world_size = flags.world_size if flags.world_size is not None else args.world_size
+    merged.nodes = flags.nodes if flags.nodes != 1 else args.nodes
+    return merged
+
+
+def _planned_env(args: argparse.Namespace):
+    """This process's launch, or the one --world-size and --nodes describe (one process per device, torchrun)."""
+    from cluster.env import ProcessEnv, discover
+
+    if args.world_size is None:
+        if args.nodes != 1:
+            raise ValueError("--nodes goes with --world-size N (the ranks of the planned launch)")
+        return discover()
+    n, k = args.world_size, args.nodes
+    if n < 1 or k < 1 or n % k:
+        raise ValueError(f"--world-size {n} --nodes {k}: the ranks must be a positive multiple of the nodes")
+    return ProcessEnv(world_size=n, local_world_size=n // k, scheduler="torchrun" if n > 1 else "none")
+
+
 def run(args: argparse.Namespace) -> int:
-    from cluster.env import discover
+    args = _split_flags(args)
+    config_path, overrides = split_config_and_overrides(args.rest)
+    if (args.world_size is not None or args.nodes != 1) and not (args.dry_run or args.print_config):
+        raise ValueError("--world-size and --nodes plan a launch: use them with --dry-run or --print-config "
+                         "(a real launch's size comes from torchrun)")
+    env = _planned_env(args)
+    # validated for the launch's size: a batch that does not split over torchrun's ranks names their number
+    cfg = load_config(config_path, overrides, world_size=env.world_size)
+    if args.print_config:
+        if env.is_main:
+            print(to_yaml(cfg), end="")
+        return 0
+    if args.dry_run:
+        from trainer.dry_run import dry_run
+
+        report = dry_run(cfg, env)
+        if env.is_main:
+            print(report.format(cfg))
+        return 0
     from trainer.loop import train
 
-    config_path, overrides = split_config_and_overrides(args.rest)
-    # validated for the launch's size: a batch that does not split over torchrun's ranks names their number
-    cfg = load_config(config_path, overrides, world_size=discover().world_size)
-    result = train(cfg)
+    result = train(cfg, env)
     if result.preempted:
         print(f"stopped at step {result.step} ({result.preempted}); checkpoint {result.checkpoint}; exit code "
               f"{cfg.preemption.exit_code} asks the scheduler to requeue", flush=True)

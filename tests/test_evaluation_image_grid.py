@@ -1,4 +1,6 @@
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -88,3 +90,19 @@ def test_save_samples_npz_round_trip(tmp_path):
     with np.load(path) as data:
         np.testing.assert_array_equal(data["images"], np.arange(6).reshape(2, 3))
         np.testing.assert_array_equal(data["labels"], [1, 2])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007, 0o077])
+def test_outputs_get_the_mode_a_plain_open_gives_under_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "wb"):  # the independent truth: what any newly created file gets
+            pass
+        png = save_image_grid(torch.zeros(1, 3, 2, 2), tmp_path / "grid.png")
+        npz = save_samples_npz(tmp_path / "samples.npz", images=np.zeros(2))
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    assert stat.S_IMODE(png.stat().st_mode) == expected
+    assert stat.S_IMODE(npz.stat().st_mode) == expected

@@ -1,8 +1,15 @@
-"""Training runs end to end on the embedded digits: learning, exact resume, NaN handling."""
+"""Training runs end to end on the embedded digits: learning, exact resume, NaN handling, what the console,
+TensorBoard and the run directory show."""
 
+import contextlib
+import io
 import json
+import os
+import re
+import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +17,9 @@ import trainer.strategies.single as strategy_module
 from models import TarFlow
 from tarflow_testing.checkpoint_helpers import steps, strategy_state
 from trainer.config import load_config
+from trainer.flops import flops_per_image
 from trainer.loop import NonFiniteLossError, train
+from trainer.startup_summary import si
 
 TINY = ["model.channels=32", "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1",
         "train.global_batch=32", "train.micro_batch=16", "schedule.warmup_steps=5", "optim.lr=3e-3",
@@ -23,9 +32,23 @@ def tiny_config(run_dir: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
+    """60 steps, logged every 5, checkpoints every 20, sample grids at 30 and 60, TensorBoard on, under umask 027 (a
+    group-readable setting, where a file created 0600 shows); what it printed is kept in run_dir/console.txt."""
     run_dir = tmp_path_factory.mktemp("trained")
-    result = train(tiny_config(run_dir, "train.steps=60", "checkpoint.every=20"))
+    printed = io.StringIO()
+    umask = os.umask(0o027)
+    try:
+        with contextlib.redirect_stdout(printed):
+            result = train(tiny_config(run_dir, "train.steps=60", "checkpoint.every=20", "sample.every=30",
+                                       "logging.tensorboard=true"))
+        (run_dir / "console.txt").write_text(printed.getvalue())
+    finally:
+        os.umask(umask)
     return result
+
+
+def records_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_short_run_lowers_heldout_bits_per_dim(trained_run):
@@ -55,6 +78,73 @@ def test_run_directory_holds_config_metrics_samples_and_checkpoints(trained_run)
     assert steps(run_dir / "checkpoints") == [40, 60]  # keep=2 of 20, 40, 60
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_bits_per_dim"] == trained_run.final_bits_per_dim
+
+
+def test_console_has_one_metric_line_per_interval_and_checkpoints_on_lines_of_their_own(trained_run):
+    lines = (trained_run.run_dir / "console.txt").read_text().splitlines()
+    progress = [line for line in lines if line.startswith("step ")]
+    assert [int(re.match(r"step (\d+)/60 ", line).group(1)) for line in progress] == list(range(5, 61, 5))
+    assert all(" loss " in line and " bpd " in line for line in progress)  # no bare `step N/M` line
+    # Each save is one labelled line under its own step, printed after that step's progress line (once its upload
+    # is done), with the bytes that are on disk.
+    for step in (20, 40, 60):
+        (line,) = [line for line in lines if line.startswith(f"checkpoint step {step}/60 committed: ")]
+        assert lines.index(line) > lines.index(progress[step // 5 - 1])
+    saves = {r["step"]: r for r in records_of(trained_run.run_dir) if "checkpoint/bytes" in r}
+    assert sorted(saves) == [20, 40, 60]
+    for step in (40, 60):  # kept by retention
+        directory = trained_run.run_dir / "checkpoints" / f"step-{step:08d}"
+        on_disk = sum(p.stat().st_size for p in directory.iterdir() if p.name != "manifest.json")
+        assert saves[step]["checkpoint/bytes"] == on_disk
+    assert [line for line in lines if line.startswith("eval step ")] == [
+        line for line in lines if re.match(r"eval step (0|60)/60: held-out bpd \d+\.\d{4} over 180 images$", line)]
+
+
+def test_startup_summary_is_printed_once_with_what_the_run_is(trained_run):
+    text = (trained_run.run_dir / "console.txt").read_text()
+    cfg = load_config(trained_run.run_dir / "config.yaml")
+    parameters = sum(p.numel() for p in TarFlow(cfg.model).parameters())
+    assert text.count("\nmodel ") + text.startswith("model ") == 1
+    assert f"model        {parameters:,} parameters" in text
+    assert f"{si(flops_per_image(cfg.model).train, 'FLOP')} per image per training step" in text
+    assert f"run          {trained_run.run_dir}: fresh start (step 0), to step 60" in text
+    assert "launch       cpu, 1 rank on 1 node, strategy single, precision fp32" in text
+    assert "batch        32 images per step = 16 per forward × 2 accumulation × 1 rank" in text
+    assert "data         embedded digits: 1,617 train, 180 held-out images (1×8×8, 10 classes)" in text
+    assert f"metrics      console, {trained_run.run_dir / 'metrics.jsonl'}, tensorboard " in text
+
+
+def test_tensorboard_holds_the_jsonl_scalars_and_the_sample_grids(trained_run):
+    from PIL import Image
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    events = ea.EventAccumulator(str(trained_run.run_dir / "tensorboard"), size_guidance={ea.SCALARS: 0,
+                                                                                          ea.IMAGES: 0})
+    events.Reload()
+    expected: dict[str, list] = {}
+    for r in records_of(trained_run.run_dir):
+        for key, value in r.items():
+            if key != "step":
+                expected.setdefault(key, []).append((r["step"], float(np.float32(value))))
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for key, points in expected.items():  # TensorBoard stores scalars as float32
+        assert [(e.step, e.value) for e in events.Scalars(key)] == points, key
+    names = ("g0", "g1", "g0_denoised", "g1_denoised")
+    assert set(events.Tags()["images"]) == {f"samples/{n}" for n in names}
+    for name in names:
+        shown = events.Images(f"samples/{name}")
+        assert [e.step for e in shown] == [30, 60]
+        png = trained_run.run_dir / "samples" / f"step00000030_{name}.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(shown[0].encoded_image_string))),
+                                      np.asarray(Image.open(png)))
+
+
+def test_every_file_of_the_run_has_the_mode_the_umask_gives(trained_run):
+    expected = 0o666 & ~0o027  # what a plain open() creates under the fixture's umask
+    files = [p for p in trained_run.run_dir.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".png", ".npz", ".pt", ".json", ".jsonl", ".yaml"}
+    assert {str(p.relative_to(trained_run.run_dir)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files
+            if stat.S_IMODE(p.stat().st_mode) != expected} == {}
 
 
 def test_train_loss_bits_per_dim_is_consistent_with_loss(trained_run):
@@ -87,8 +177,17 @@ def final_state(run_dir: Path, step: int) -> dict:
     return strategy_state(run_dir / "checkpoints" / f"step-{step:08d}")
 
 
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
-    extra = ["train.steps=24", "checkpoint.every=8", "data.random_flip=true", "train.label_drop=0.3"]
+def tensorboard_losses(run_dir: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    events = ea.EventAccumulator(str(run_dir / "tensorboard"), size_guidance={ea.SCALARS: 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch, capsys):
+    extra = ["train.steps=24", "checkpoint.every=8", "data.random_flip=true", "train.label_drop=0.3",
+             "logging.tensorboard=true"]
     train(tiny_config(tmp_path / "straight", *extra))
 
     crash_after(monkeypatch, 13)  # dies during step 14: the last checkpoint is step 8
@@ -96,8 +195,14 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run_bitwise(tmp_path,
         train(tiny_config(tmp_path / "crashed", *extra))
     monkeypatch.undo()
     assert steps(tmp_path / "crashed" / "checkpoints") == [8]
+    capsys.readouterr()
     result = train(tiny_config(tmp_path / "crashed", *extra))  # resume=auto
     assert result.step == 24
+    checkpoint = tmp_path / "crashed" / "checkpoints" / "step-00000008"
+    assert f"run          {tmp_path / 'crashed'}: resumed from step 8 ({checkpoint}), to step 24" in \
+        capsys.readouterr().out
+    # TensorBoard drops what the crashed attempt logged after step 8: one curve, the uninterrupted run's.
+    assert tensorboard_losses(tmp_path / "crashed") == tensorboard_losses(tmp_path / "straight")
 
     a, b = final_state(tmp_path / "straight", 24), final_state(tmp_path / "crashed", 24)
     for key in a["model"]:

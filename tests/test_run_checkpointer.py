@@ -204,3 +204,33 @@ def test_a_checkpoint_at_train_steps_is_finished_once_the_run_has_ended(tmp_path
     else:
         assert "resumed from step 7" in out and [e["from_step"] for e in state.config_history] == [0, 7]
     assert not (tmp_path / ".checkpoint-cache").exists()
+
+
+def test_poll_reports_a_committed_save_once_with_its_bytes(tmp_path):
+    cfg = config(tmp_path)
+    checkpointer = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 0), CPU)
+    state = checkpointer.resume(Component(), Component())
+    assert checkpointer.poll() is None  # nothing saved yet
+    state.step = 3
+    checkpointer.save(state, Component(), Component())
+    record = checkpointer.poll()
+    directory = tmp_path / "checkpoints" / "step-00000003"
+    on_disk = sum(p.stat().st_size for p in directory.iterdir() if p.name != "manifest.json")
+    assert record["step"] == 3 and record["metrics"]["checkpoint/bytes"] == on_disk
+    assert checkpointer.poll() is None and checkpointer.finish(required=True) is None  # reported once
+
+
+def test_poll_leaves_a_failed_save_to_finish_which_fails_the_last_one(tmp_path, monkeypatch):
+    cfg = config(tmp_path)
+    checkpointer = RunCheckpointer(cfg, ProcessEnv(), trained_strategy(cfg, 0), CPU)
+    state = checkpointer.resume(Component(), Component())
+
+    def refuse(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointer.manager.store, "put_file", refuse)
+    state.step = 3
+    checkpointer.save(state, Component(), Component())
+    assert checkpointer.poll() is None
+    with pytest.raises(CheckpointError, match="disk full"):
+        checkpointer.finish(required=True)

@@ -185,3 +185,14 @@ def test_named_set_errors_name_the_set_and_key(grid, message, tmp_path):
     with pytest.raises(StudyError) as e:
         plan_study(study_from_dict(spec(grid=grid), source="s.yaml"), tmp_path)
     assert message in str(e.value), str(e.value)
+
+
+def test_points_are_grouped_by_study_where_runs_are_compared(tmp_path):
+    points = plan_study(study_from_dict(spec(name="widths")), tmp_path)
+    configs = [load_config(p.argv[0], p.argv[1:]) for p in points]
+    assert {c.logging.wandb_group for c in configs} == {"widths"}
+    assert [c.logging.run_name for c in configs] == [p.name for p in points]
+    assert {c.logging.tensorboard_dir for c in configs} == {str(tmp_path / "tensorboard")}
+    # the study's own overrides choose otherwise
+    own = plan_study(study_from_dict(spec(name="widths", overrides=["logging.wandb_group=mine"])), tmp_path)
+    assert load_config(own[0].argv[0], own[0].argv[1:]).logging.wandb_group == "mine"

@@ -37,6 +37,8 @@ def test_yaml_then_overrides_in_that_order(tmp_path):
     (["sample.method=jacobi", "sample.tol=-1"], "sample.tol: tol must be a number >= 0"),
     (["sample.max_iters=-2"], "sample.max_iters: must be >= 0"),
     (["train.resume_changes=sometimes"], r"train.resume_changes: must be one of \('refuse', 'allow'\), got 'so"),
+    (["logging.wandb_mode=cloud"], r"logging.wandb_mode: must be offline, online, disabled or empty .*'cloud'"),
+    (["logging.run_name=a/b"], "logging.run_name: names a run and its directory .*'a/b'"),
     (["model=3"], "'model' is a section"),
     (["steps"], "key=value"),
 ])
@@ -88,3 +90,11 @@ def test_shipped_configs_load():
     from pathlib import Path
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_logging_keys_of_wandb_and_tensorboard():
+    cfg = load_config(None, ["logging.wandb_tags=[scaling,c16]", "logging.wandb_group=study",
+                             "logging.tensorboard=true", "logging.run_name=c16-s0"])
+    assert (cfg.logging.wandb_tags, cfg.logging.wandb_group, cfg.logging.tensorboard, cfg.logging.run_name) == (
+        ["scaling", "c16"], "study", True, "c16-s0")
+    assert (cfg.logging.wandb_mode, cfg.logging.wandb_project) == ("", "")  # empty: the WANDB_* environment

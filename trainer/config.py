@@ -119,12 +119,26 @@ class SampleConfig:
 
 @dataclass
 class LoggingConfig:
+    """Where metrics and sample grids go besides the console and ``run_dir/metrics.jsonl`` (rank 0 only).
+
+    The wandb keys left empty take the ``WANDB_*`` environment (``WANDB_PROJECT``, ``WANDB_MODE``, ``WANDB_ENTITY``,
+    ``WANDB_RUN_GROUP``, ``WANDB_TAGS``, ``WANDB_NAME``), then the defaults: project ``tarflow``, mode ``offline``,
+    the run's name; a value given here is explicit and wins over the environment (``WANDB_MODE=disabled`` always
+    turns wandb off)."""
+
     every: int = 50
     progress: bool = True
+    run_name: str = ""         # the run's name in wandb and TensorBoard; "": $WANDB_NAME (wandb), else run_dir's name
     wandb: bool = False
-    wandb_project: str = "tarflow"
-    wandb_mode: str = "offline"  # offline unless you configure a server and choose "online"
-    peak_flops: float = 0.0      # per-device peak FLOP/s for MFU; 0: a known accelerator's, else no MFU
+    wandb_project: str = ""    # "": $WANDB_PROJECT, else "tarflow"
+    wandb_mode: str = ""       # "" ($WANDB_MODE, else offline) | offline | online | disabled
+    wandb_entity: str = ""     # "": $WANDB_ENTITY, else your default entity
+    wandb_group: str = ""      # "": $WANDB_RUN_GROUP (a scaling study sets its name)
+    wandb_tags: List[str] = field(default_factory=list)  # []: $WANDB_TAGS (comma-separated)
+    tensorboard: bool = False  # scalars and sample grids as TensorBoard event files
+    # "": run_dir/tensorboard; a directory shared by several runs (a study's) holds one subdirectory per run_name
+    tensorboard_dir: str = ""
+    peak_flops: float = 0.0    # per-device peak FLOP/s for MFU; 0: a known accelerator's, else no MFU
 
 
 @dataclass
@@ -164,6 +178,7 @@ class Config:
 NOISE_KINDS = ("uniform", "gaussian")
 PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_CHANGES = ("refuse", "allow")
+WANDB_MODES = ("", "offline", "online", "disabled")
 
 
 # ---------------------------------------------------------------- loading
@@ -302,8 +317,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"must be in [0, 255], got {cfg.preemption.exit_code}")
     _require(cfg.preemption.time_limit_minutes >= 0, "preemption.time_limit_minutes",
              f"must be >= 0, got {cfg.preemption.time_limit_minutes}")
-    _require(cfg.logging.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
-             f"must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
+    _require(cfg.logging.wandb_mode in WANDB_MODES, "logging.wandb_mode",
+             f"must be offline, online, disabled or empty (WANDB_MODE, else offline), got {cfg.logging.wandb_mode!r}")
+    name = cfg.logging.run_name
+    _require("/" not in name and name not in (".", ".."), "logging.run_name",
+             f"names a run and its directory in logging.tensorboard_dir: no '/', not '.' or '..'; got {name!r}")
 
 
 # ---------------------------------------------------------------- persistence

@@ -22,19 +22,23 @@ from .activation_checkpointing import apply_activation_checkpointing, compile_la
 from .checkpoint import atomic_write_text
 from .checkpoint.run_checkpointer import RunCheckpointer
 from .config import Config, to_yaml, validate
+from .console_sink import ConsoleSink
 from .distributed import all_reduce_sum, process_group
 from .evaluation.bpd import collective_bits_per_dim
-from .evaluation.grids import grid_settings, sample_grids, save_grids
+from .evaluation.grids import grid_pictures, grid_settings, sample_grids, save_grids
 from .evaluation.sampler import fixed_noise_and_labels
 from .flops import default_peak_flops, flops_per_image, mfu
-from .metric_sinks import ConsoleSink, JsonlSink, MetricLogger, WandbSink
+from .metric_sinks import JsonlSink, MetricLogger
 from .noise import corrupt, denoise_std, drop_labels, sample_generators
 from .optim import build_schedule
 from .preemption import PreemptionGuard
 from .resume_policy import CONFIG_HISTORY_FILE, history_jsonl
 from .run_state import seed_everything
 from .runtime import resolve_device, resolve_precision
+from .startup_summary import StartupSummary
 from .strategies import DISTRIBUTED, check_strategy_config, strategy_from_config
+from .tensorboard_sink import TensorBoardSink, tensorboard_log_dir
+from .wandb_sink import WandbSink, resolve_wandb_options
 
 LOG_2PI_HALF = 0.5 * math.log(2 * math.pi)
 LOG_BIN = math.log(128.0)
@@ -124,14 +128,37 @@ class Trainer:
         cfg = self.cfg
         if not self.env.is_main or self.checkpoints.finished:  # a finished run's metrics files stay as they are
             return MetricLogger([])
-        sinks = [ConsoleSink(total_steps=cfg.train.steps, bar_width=20 if cfg.logging.progress else 0, extra=False),
+        log = cfg.logging
+        # The model record (parameters, FLOPs) is in the startup summary: not printed again.
+        sinks = [ConsoleSink(total_steps=cfg.train.steps, bar_width=20 if log.progress else 0, extra=False,
+                             quiet=("model",)),
                  # Records past the resumed step are dropped: this run logs those steps again.
                  JsonlSink(self.run_dir / "metrics.jsonl", truncate_after_step=self.state.step)]
-        if cfg.logging.wandb:
-            sinks.append(WandbSink(project=cfg.logging.wandb_project, run_dir=str(self.run_dir),
-                                   config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-                                   run_name=self.run_dir.name, mode=cfg.logging.wandb_mode))
+        if log.tensorboard:
+            sinks.append(TensorBoardSink(tensorboard_log_dir(log, self.run_dir), resumed_step=self.state.step))
+        if log.wandb:
+            sinks.append(WandbSink(resolve_wandb_options(log, self.run_dir), self.run_dir,
+                                   config=OmegaConf.to_container(OmegaConf.structured(cfg))))
         return MetricLogger(sinks)
+
+    def startup_summary(self) -> StartupSummary:
+        cfg, device = self.cfg, self.device
+        name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+        d = cfg.data
+        shape, num_classes = dataset_info(d)
+        return StartupSummary(
+            run_dir=str(self.run_dir), resumed_step=self.state.step,
+            resumed_from=self.checkpoints.last_uri if self.state.step else "",
+            parameters=num_parameters(self.model), train_flops_per_image=self.flops.train, device=name,
+            world_size=self.world_size, nodes=self.env.num_nodes, strategy=cfg.train.strategy,
+            precision=self.precision.name, micro_batch=cfg.train.micro_batch, accumulation=self.accumulation,
+            global_batch=cfg.train.global_batch,
+            data=f"embedded {d.source}" if d.format == "embedded" else f"{d.format} {d.uri}",
+            train_images=self.train_loader.num_samples, heldout_images=self.heldout_loader.num_samples,
+            image_shape=tuple(shape), num_classes=num_classes, steps=cfg.train.steps,
+            checkpoints=(f"every {cfg.checkpoint.every} steps and at the end" if cfg.checkpoint.every else
+                         "at the end") + f", to {self.checkpoints}",
+            outputs=tuple(sink.describe() for sink in self.logger.sinks if hasattr(sink, "describe")))
 
     # ---------------------------------------------------------------- the run
     def run(self) -> TrainResult:
@@ -145,6 +172,8 @@ class Trainer:
         guard = PreemptionGuard(cfg.preemption.signals, 60.0 * cfg.preemption.time_limit_minutes)
         final_bpd, grids, stopped = None, [], None
         try:
+            if self.env.is_main:
+                print(self.startup_summary().text(), flush=True)
             self.logger.log(state.step, {"model/parameters": num_parameters(self.model),
                                          "model/train_flops_per_image": self.flops.train,
                                          "train/accumulation_steps": self.accumulation})
@@ -247,6 +276,8 @@ class Trainer:
             self.sample(f"step{step:08d}_")
         if due(cfg.checkpoint.every):
             self.save_checkpoint()
+        # A save whose background upload is done is reported now, under its own step (not at the next save).
+        self._log_save(self.checkpoints.poll())
 
     # ---------------------------------------------------------------- evaluation, samples, checkpoints
     def evaluate(self) -> float:
@@ -271,10 +302,13 @@ class Trainer:
         if any(result.nonfinite.values()):  # exp-affine sampling can overflow, mostly early in training
             self.logger.log(self.state.step, {f"sample/nonfinite_{k}": v for k, v in result.nonfinite.items()})
             print(f"note: samples with NaN/Inf values at step {self.state.step}: {result.nonfinite}")
-        return save_grids(result, self.run_dir / "samples", prefix, self.sample_labels)
+        pictures = grid_pictures(result)
+        self.logger.log_images(self.state.step, {f"samples/{name}": grid for name, grid in pictures.items()})
+        return save_grids(result, self.run_dir / "samples", prefix, self.sample_labels, pictures)
 
     def save_checkpoint(self) -> None:
-        """Collective; training waits only for the staging. A save's record is logged when its upload is done."""
+        """Collective; training waits only for the staging. A save's record is logged when its upload is done
+        (``poll`` at each step boundary, or at the latest when the next save starts)."""
         self._log_save(self.checkpoints.save(self.state, self.train_loader, self.window))
 
     def _log_save(self, record: dict | None) -> None:

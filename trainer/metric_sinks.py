@@ -1,20 +1,20 @@
-"""Where training metrics go: the console, a JSON-lines file, Weights & Biases — fanned out by ``MetricLogger``.
+"""Where training metrics go, fanned out by ``MetricLogger``: the console (``console_sink``), a JSON-lines file
+(here), TensorBoard (``tensorboard_sink``) and Weights & Biases (``wandb_sink``).
 
-Metric names the console formats specially (others are printed generically): ``loss``, ``bits_per_dim``, ``lr``,
-``grad_norm``, ``images_per_second``, ``mfu`` (a fraction, printed as a percentage). Sinks are created on the
-rank that logs (rank 0); none of them talks to other processes.
+Sinks are created on the rank that logs (rank 0); none of them talks to other processes. A record is logged under the
+step it belongs to, which is not always the latest step: a checkpoint's record arrives once its background upload is
+done, after later steps' records. Every sink keeps it under its own step (the jsonl file is therefore not sorted by
+step; TensorBoard and W&B plot by step).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import secrets
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+
+import numpy as np
 
 
 @runtime_checkable
@@ -24,76 +24,11 @@ class MetricSink(Protocol):
     def close(self) -> None: ...
 
 
-# ------------------------------------------------------------------------------------------------ console
-# (key, label, format) in printing order.
-_CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
-    ("loss", "loss", "{:.4f}"),
-    ("bits_per_dim", "bpd", "{:.4f}"),
-    ("lr", "lr", "{:.2e}"),
-    ("grad_norm", "gnorm", "{:.3g}"),
-    ("images_per_second", "img/s", "{:.1f}"),
-)
+@runtime_checkable
+class ImageSink(Protocol):
+    """A sink that also takes images: tag → an (H, W, 3) uint8 grid."""
 
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-class ConsoleSink:
-    """One compact line per ``log``, e.g. ``step 120/1000 12.0% [##--------] loss 3.1234 bpd 4.5120 lr 1.00e-04
-    gnorm 0.532 img/s 1234.5 mfu 41.2% eta 5m10s``. Printed with ``flush=True`` so that lines appear promptly
-    in batch-system log files. ``bar_width=0`` leaves the bar out; the ETA extrapolates the step rate seen
-    since the first line of this process (so a resumed run does not count the steps it skipped)."""
-
-    def __init__(self, total_steps: int | None = None, bar_width: int = 0, extra: bool = True, file=None):
-        self.total_steps = total_steps
-        self.bar_width = bar_width
-        self.extra = extra
-        self.file = file  # None: sys.stdout at print time (so pytest's capsys and redirections see it)
-        self._first: tuple[int, float] | None = None
-
-    def format(self, step: int, metrics: Mapping[str, float]) -> str:
-        now = time.monotonic()
-        if self._first is None:
-            self._first = (step, now)
-        total = self.total_steps
-        parts = [f"step {step}/{total}" if total else f"step {step}"]
-        if total:
-            fraction = min(max(step / total, 0.0), 1.0)
-            parts.append(f"{100 * fraction:.1f}%")
-            if self.bar_width > 0:
-                filled = int(round(fraction * self.bar_width))
-                parts.append("[" + "#" * filled + "-" * (self.bar_width - filled) + "]")
-        # Keys may carry a section ("train/loss", "eval/bits_per_dim"): matched by their last part, and labelled
-        # with the section unless it is "train".
-        formats = {key: (label, fmt) for key, label, fmt in _CONSOLE_FIELDS}
-        formats["mfu"] = ("mfu", "{:.1%}")
-        order = {key: i for i, key in enumerate(formats)}
-        known, other = [], []
-        for name, value in metrics.items():
-            section, _, key = name.rpartition("/")
-            prefix = "" if section in ("", "train") else f"{section} "
-            if key in formats:
-                label, fmt = formats[key]
-                known.append((order[key], f"{prefix}{label} {fmt.format(float(value))}"))
-            elif self.extra:
-                other.append(f"{name} {float(value):.4g}")
-        parts.extend(text for _, text in sorted(known, key=lambda item: item[0]))
-        parts.extend(other)
-        first_step, first_time = self._first
-        if total and step > first_step and step < total:
-            rate = (step - first_step) / (now - first_time) if now > first_time else math.inf
-            parts.append(f"eta {_format_duration((total - step) / rate)}")
-        return " ".join(parts)
-
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        print(self.format(step, metrics), file=self.file if self.file is not None else sys.stdout, flush=True)
-
-    def close(self) -> None:
-        pass
+    def log_images(self, step: int, images: Mapping[str, np.ndarray]) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------ JSON lines
@@ -133,91 +68,15 @@ class JsonlSink:
         if not self._file.closed:
             self._file.close()
 
+    def describe(self) -> str:
+        return str(self.path)
+
 
 def _step_after(line: str, step: int) -> bool:
     try:
         return int(json.loads(line)["step"]) > step
     except (ValueError, KeyError, TypeError):
         return False  # keep lines we cannot interpret rather than lose them
-
-
-# ------------------------------------------------------------------------------------------------ wandb
-RUN_ID_FILE = "wandb_run_id"
-
-
-class WandbSink:
-    """Logs to Weights & Biases, offline by default (``mode="online"`` to upload; ``"disabled"``, or
-    ``WANDB_MODE=disabled`` in the environment, for nothing).
-
-    W&B is optional and must never block or fail training: if wandb is not installed, ``wandb.init`` fails or
-    times out (``init_timeout`` seconds), or a later call raises, this sink prints one warning to stderr and
-    becomes a no-op. ``close`` waits at most ``finish_timeout`` seconds for uploads (offline data is on disk).
-
-    Files go under ``run_dir`` (``run_dir/wandb/offline-run-*`` offline). The run id is kept in
-    ``run_dir/wandb_run_id``, and passed with ``resume="allow"``, so a resumed run continues the same W&B run.
-    Metrics are plotted against a ``step`` metric rather than wandb's own step counter, which only accepts
-    increasing steps and would drop what a run resumed from an earlier checkpoint logs again.
-    W&B's capture of the console is off (``console="off"``): the console sink and the job's log have it."""
-
-    def __init__(self, project: str, run_dir: str | os.PathLike, config: Mapping[str, Any],
-                 run_name: str | None = None, mode: str = "offline", init_timeout: float = 30.0,
-                 finish_timeout: float = 60.0):
-        self._run = None
-        self.enabled = False
-        self.run_dir = Path(run_dir)
-        try:
-            import wandb
-
-            if os.environ.get("WANDB_MODE", "").lower() == "disabled":
-                mode = "disabled"  # the user's explicit opt-out; wandb.init(mode=...) would override it
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.run_id = _load_or_create_run_id(self.run_dir / RUN_ID_FILE)
-            self._run = wandb.init(
-                project=project, dir=str(self.run_dir), config=dict(config), name=run_name, id=self.run_id,
-                resume="allow", mode=mode,
-                settings=wandb.Settings(init_timeout=init_timeout, finish_timeout=finish_timeout,
-                                        console="off"),
-            )
-            self._run.define_metric("step")
-            self._run.define_metric("*", step_metric="step")
-            self.enabled = True
-        except (Exception, SystemExit) as error:  # noqa: BLE001 - anything wandb raises, timeouts included
-            self._disable(error, "init")
-
-    def _disable(self, error: BaseException, where: str) -> None:
-        self.enabled = False
-        print(f"warning: W&B logging disabled ({where} failed: {type(error).__name__}: {error}); "
-              f"training continues", file=sys.stderr, flush=True)
-
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
-        try:
-            self._run.log({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
-        except Exception as error:  # noqa: BLE001
-            self._disable(error, "log")
-
-    def close(self) -> None:
-        run, self._run = self._run, None
-        was_enabled, self.enabled = self.enabled, False
-        if run is None or not was_enabled:
-            return
-        try:
-            run.finish()
-        except Exception as error:  # noqa: BLE001
-            print(f"warning: W&B finish failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-
-
-def _load_or_create_run_id(path: Path) -> str:
-    if path.exists():
-        run_id = path.read_text(encoding="utf-8").strip()
-        if run_id:
-            return run_id
-    run_id = secrets.token_hex(8)  # wandb ids: lowercase letters and digits
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(run_id + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return run_id
 
 
 # ------------------------------------------------------------------------------------------------ fan-out
@@ -232,6 +91,12 @@ class MetricLogger:
         values = {k: float(v) for k, v in metrics.items()}
         for sink in self.sinks:
             sink.log(step, values)
+
+    def log_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """To the sinks that take images (``ImageSink``); the others have the PNG files."""
+        for sink in self.sinks:
+            if isinstance(sink, ImageSink):
+                sink.log_images(step, images)
 
     def close(self) -> None:
         """Close every sink, even if one raises (the first error is re-raised afterwards)."""

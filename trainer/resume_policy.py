@@ -56,7 +56,8 @@ RESUME_KINDS: dict[str, str] = {
     **_keys(FREE, "eval", "every", "at_start", "batch_size", "max_images", "inception_weights"),
     **_keys(FREE, "sample", "every", "num", "guidance", "attn_temp", "annealed", "denoise", "seed", "method", "tol",
             "max_iters", "window"),
-    **_keys(FREE, "logging", "every", "progress", "wandb", "wandb_project", "wandb_mode", "peak_flops"),
+    **_keys(FREE, "logging", "every", "progress", "run_name", "wandb", "wandb_project", "wandb_mode", "wandb_entity",
+            "wandb_group", "wandb_tags", "tensorboard", "tensorboard_dir", "peak_flops"),
     # checkpoint.uri and train.run_dir: checkpoints copied elsewhere continue there.
     **_keys(FREE, "checkpoint", "every", "uri", "keep", "keep_every", "async_upload"),
     **_keys(FREE, "preemption", "signals", "exit_code", "time_limit_minutes"),

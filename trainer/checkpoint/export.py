@@ -44,10 +44,7 @@ def consolidated_model(uri: str) -> tuple[dict[str, torch.Tensor], Config, int]:
     manager, steps = locate(uri)
     step = steps[-1]
     with tempfile.TemporaryDirectory(prefix="tarflow-ckpt-") as tmp:
-        restored = manager.restore(step, Path(tmp))
-        if restored is None:
-            raise CheckpointError(f"checkpoint step {step} under {manager} does not verify (see the warning)")
-        manifest, directory = restored
+        manifest, directory = manager.restore(step, Path(tmp), required=True)
         run = load_torch_file(directory / RUN_FILE)
         model = CHECKPOINT_FORMATS[manifest.checkpoint_format].export_model_state(directory)
         return model, from_yaml_text(run["config_yaml"]), step

@@ -11,6 +11,7 @@ format.
 
 from __future__ import annotations
 
+import io
 import shutil
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..config import Config, ConfigError, config_hash, from_yaml_text, to_yaml
 from ..distributed import barrier, gather_objects
 from ..resume_policy import ConfigChange, change_note, check_resume, config_changes, continued_history, history_entry
 from ..run_state import RunState, capture_rng, restore_rng, seed_everything
-from ..stores import open_store
+from ..stores import StoreError, open_store
 from ..strategies import Strategy
 from .files import CheckpointError, load_torch_file
 from .manager import CheckpointManager, Ranks
@@ -154,6 +155,62 @@ class RunCheckpointer:
         except CheckpointError as e:
             raise CheckpointError(f"train.resume: {e}") from None
 
+    # ---------------------------------------------------------------- the decision alone (dry run)
+    def decide(self) -> str:
+        """What ``resume()`` would do, decided read-only (``tarflow train --dry-run``): nothing is downloaded into the
+        run directory and nothing is written. Returns the line saying so; a refusal raises the error ``resume()``
+        would raise. Checkpoints are checked against their manifests by listing (presence and size); ``resume()``
+        also compares every file's sha256 as it downloads it."""
+        found = self._find_verified()
+        if found is None:
+            why = "train.resume=never" if self.cfg.train.resume == "never" else f"no checkpoint in {self.manager}"
+            return f"start fresh at step 0 ({why})"
+        manifest, store, where = found
+        reason = self.strategy.can_resume(manifest, self.env.world_size)
+        if reason:
+            raise CheckpointError(f"the checkpoint at step {manifest.step} in {where} {reason}")
+        key = f"{step_name(manifest.step)}/{RUN_FILE}"
+        try:
+            data = store.get_bytes(key, expected_sha256=manifest.files.get(RUN_FILE, {}).get("sha256"))
+        except StoreError as e:
+            raise CheckpointError(f"cannot read {store.uri_for(key)}: {e}") from None
+        saved = load_torch_file(io.BytesIO(data), shown_as=store.uri_for(key))
+        changes = config_changes(from_yaml_text(saved["config_yaml"]), self.cfg)
+        check_resume(changes, self.cfg, manifest.step, str(where))
+        step, steps = saved["run"]["step"], self.cfg.train.steps
+        if step >= steps and _ended(self.run_dir, step):
+            return (f"nothing to do: the checkpoint at step {step} in {where} reached train.steps={steps} and the run "
+                    f"ended (raise train.steps to train further)")
+        note = f"; {change_note(changes, step)}" if changes else ""
+        return f"resume from step {step} ({where}){note}"
+
+    def _find_verified(self) -> tuple[Manifest, object, object] | None:
+        """``_find`` without downloading: (manifest, store, where) of the checkpoint ``resume()`` would restore."""
+        resume = self.cfg.train.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            steps = self.manager.steps()
+            for step in reversed(steps):
+                try:
+                    return self.manager.verify(step, deep=False), self.manager.store, self.manager
+                except CheckpointError as e:
+                    warnings.warn(f"skipping checkpoint {self.manager.store.uri_for(step_name(step))}: {e}",
+                                  stacklevel=2)
+            if steps:
+                raise CheckpointError(f"{self.manager.store.uri_for('')} holds checkpoints at steps {steps} but none "
+                                      f"verifies; move them away to start over, or point train.resume at a good one")
+            return None
+        root, step = split_checkpoint_uri(resume)
+        if step is None:
+            raise CheckpointError(f"train.resume={resume!r}: expected auto, never, or a checkpoint's URI ending in "
+                                  f"step-NNNNNNNN")
+        explicit = CheckpointManager(open_store(root), self.run_dir / ".checkpoint-staging", self.manager.ranks)
+        if step not in explicit.steps():
+            raise CheckpointError(f"train.resume={resume!r}: {explicit.store.uri_for(step_name(step))} has no "
+                                  f"manifest (not a complete checkpoint)")
+        return explicit.verify(step, deep=False), explicit.store, resume
+
     # ---------------------------------------------------------------- save
     def save(self, state: RunState, loader: Resumable, window: Resumable) -> dict | None:
         """Collective. Every rank contributes its RNG state and writes its part of the strategy's state; rank 0
@@ -195,9 +252,15 @@ class RunCheckpointer:
         return {"step": result.step, "metrics": {"checkpoint/failed_step": result.step}}
 
     def poll(self) -> dict | None:
-        """The record of a save whose upload has finished and that was not reported yet, without waiting for one
-        still in flight (so the loop reports a save soon after it is committed, not when the next save starts)."""
-        return None if self.manager.in_flight else self.finish(required=False)
+        """The record of a save that was committed and not reported yet, without waiting for one still in flight
+        (so the loop reports a save soon after it is committed, not when the next save starts). A failed save is
+        left to ``finish``: a warning at the next save, an error when it was the last one."""
+        if self.manager.in_flight:
+            return None
+        result = self.manager.wait()  # done: returns at once
+        if result is None or result.reported or not result.committed:
+            return None
+        return self.finish(required=False)
 
     def wait(self) -> None:
         """Never leave while an upload is in flight."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models import TarFlow
 
 from ..config import SampleConfig
 from ..runtime import Precision
-from .image_grid import save_image_grid, save_samples_npz
+from .image_grid import image_grid, save_png, save_samples_npz, upscale
 from .sampler import SamplingSettings, finite_rows, inversion_settings, sample_on_ranks
 
 
@@ -57,14 +58,20 @@ def sample_grids(model: TarFlow, noise: torch.Tensor, labels: torch.Tensor | Non
     return result
 
 
-def save_grids(result: SampleResult, out_dir: Path, prefix: str, labels: torch.Tensor | None) -> list[Path]:
+def grid_pictures(result: SampleResult) -> dict[str, np.ndarray]:
+    """name → the (H, W, 3) uint8 grid of its images, as ``save_grids`` writes it and the loggers show it."""
+    # Small images are upscaled by pixel repetition to at least 64 pixels: 8×8 digits become visible.
+    return {name: upscale(image_grid(images), max(1, 64 // images.shape[-1]))
+            for name, images in result.images.items()}
+
+
+def save_grids(result: SampleResult, out_dir: Path, prefix: str, labels: torch.Tensor | None,
+               pictures: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """``<prefix><name>.png`` per grid (``pictures``: ``grid_pictures(result)`` when already made) and
+    ``<prefix>samples.npz`` with every image and the labels."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, images in result.images.items():
-        path = out_dir / f"{prefix}{name}.png"
-        scale = max(1, 64 // images.shape[-1])  # 8×8 digits become visible
-        save_image_grid(images, path, scale=scale)
-        paths.append(path)
+    pictures = grid_pictures(result) if pictures is None else pictures
+    paths = [save_png(grid, out_dir / f"{prefix}{name}.png") for name, grid in pictures.items()]
     arrays = {k: v.numpy() for k, v in result.images.items()}
     if labels is not None:
         arrays["labels"] = labels.numpy()

@@ -1,11 +1,11 @@
 """Sample grids as PNG and sample arrays as .npz, written atomically (a crash or preemption mid-write never leaves
-a truncated file where a previous good one was)."""
+a truncated file where a previous good one was), with the permissions the user's umask gives a newly created file."""
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Callable
 
@@ -53,12 +53,19 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
                     padding: int = 1) -> Path:
     """Write ``image_grid(images, nrow, padding)`` as a PNG, upscaled ``scale``× by pixel repetition (nearest
     neighbour: 8×8 digits stay sharp and visible). Atomic: written to a temporary file then renamed."""
+    return save_png(upscale(image_grid(images, nrow=nrow, padding=padding), scale), path)
+
+
+def upscale(grid: np.ndarray, scale: int) -> np.ndarray:
+    """Each pixel repeated ``scale``× along both axes (nearest neighbour)."""
     if scale < 1:
         raise ValueError(f"scale must be >= 1, got {scale}")
-    grid = image_grid(images, nrow=nrow, padding=padding)
-    if scale > 1:
-        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    image = Image.fromarray(grid)  # (H, W, 3) uint8 → RGB
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else grid
+
+
+def save_png(grid: np.ndarray, path: str | os.PathLike) -> Path:
+    """An (H, W, 3) uint8 array as an RGB PNG, written atomically."""
+    image = Image.fromarray(grid)
     return _atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
@@ -71,12 +78,16 @@ def save_samples_npz(path: str | os.PathLike, **arrays: np.ndarray | torch.Tenso
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> Path:
-    """Write via a temporary file in the destination's directory (same filesystem, so the rename is atomic)."""
+    """Write via a temporary file in the destination's directory (same filesystem, so the rename is atomic).
+
+    The temporary file is created by ``open(..., "xb")``, not ``tempfile.mkstemp``: mkstemp creates its files with
+    mode 0600 whatever the umask, and the rename would carry that mode to the output, leaving sample grids and
+    statistics unreadable by the group on a shared cluster. ``"x"`` refuses an existing name, as mkstemp does."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -18,6 +18,7 @@ import torch
 
 from .fid import FeatureAccumulator, FeatureStats
 from .inception import FIDNetwork
+from .progress import progress_bar
 
 
 def data_config_for(data_uri: str, overrides: list[str]):
@@ -65,22 +66,25 @@ def compute_reference_stats(data_cfg, split: str, inception: FIDNetwork, *, batc
     limit = -(-max_images // world_size) if max_images and train else 0
     acc = FeatureAccumulator(inception.feature_dim, device)
     seen = 0
-    for i, (x, _, indices) in enumerate(loader):
-        if batches is not None and i >= batches:
-            break
-        if limit and seen >= limit:
-            break
-        if limit:
-            x = x[: limit - seen]
-        elif max_images:
-            keep = indices < max_images
-            if not bool(keep.any()):
-                if loader.index_ordered:
-                    break
-                continue
-            x = x[keep]
-        acc.update(inception.features(x))
-        seen += x.shape[0]
+    with progress_bar(_expected_images(loader, split, batch_size, world_size, max_images),
+                      f"statistics of {split}", rank=rank) as bar:
+        for i, (x, _, indices) in enumerate(loader):
+            if batches is not None and i >= batches:
+                break
+            if limit and seen >= limit:
+                break
+            if limit:
+                x = x[: limit - seen]
+            elif max_images:
+                keep = indices < max_images
+                if not bool(keep.any()):
+                    if loader.index_ordered:
+                        break
+                    continue
+                x = x[keep]
+            acc.update(inception.features(x))
+            seen += x.shape[0]
+            bar.update(x.shape[0] * world_size)
     acc.all_reduce()
     dataset = {k: v for k, v in asdict(data_cfg).items()
                if k in ("format", "source", "uri", "heldout_fraction", "split_seed", "resize", "crop")}
@@ -97,6 +101,14 @@ def compute_reference_stats(data_cfg, split: str, inception: FIDNetwork, *, batc
         meta["note"] = ("one epoch of the train loader (no flips); its drop_last leaves out fewer than "
                         "ranks x loader_batch_size images")
     return FeatureStats.from_accumulator(acc, meta)
+
+
+def _expected_images(loader, split: str, batch_size: int, world_size: int, max_images: int) -> int:
+    """About how many images the pass reads over all ranks (for the progress bar; the count stored is exact)."""
+    if split == "train":
+        epoch = loader.batches_per_epoch * batch_size * world_size
+        return min(epoch, max_images) if max_images else epoch
+    return min(loader.num_samples, max_images) if max_images else loader.num_samples
 
 
 def stats_file_name(data_cfg, image_shape, convention: str) -> str:

@@ -45,6 +45,7 @@ from .bpd import heldout_bits_per_dim
 from .fid import FeatureAccumulator, FeatureStats, save_stats, stats_suffix
 from .image_grid import save_image_grid, save_samples_npz
 from .inception import FIDNetwork, to_uint8
+from .progress import progress_bar
 from .quality import QualityScorer
 from .sampler import SamplingSettings, draw_samples, rank_indices
 
@@ -140,27 +141,30 @@ def evaluate_setting(model: TarFlow, inception: FIDNetwork | None, reference: Fe
     scorer = QualityScorer(classifier, device) if classifier is not None else None
     bpd_sum, redraws, draws, preview, saved = 0.0, 0, [], [], []
     pass_sums, batches = [0.0] * len(model.blocks), 0
-    for batch in draw_samples(model, mine, settings, base_seed=base_seed, batch_size=batch_size, device=device,
-                              precision=precision, max_redraws=max_redraws):
-        pixels = to_uint8(batch.images)
-        if acc is not None:
-            acc.update(inception.features(batch.images))
-        if scorer is not None:
-            scorer.update(batch.indices, batch.labels, pixels)
-        if sample_bpd:
-            y = batch.labels if batch.labels is not None else torch.zeros(len(batch.indices), dtype=torch.int64)
-            # each sample's dequantisation keyed by its index: the same whatever the ranks and batches
-            bpd, n = heldout_bits_per_dim(model, [(_to_model_space(pixels), y, torch.as_tensor(batch.indices))],
-                                          device, seed=derive_seed(BPD_STREAM, base_seed) % 2 ** 63)
-            bpd_sum += bpd * n
-        redraws += batch.redraws
-        draws += batch.draws
-        pass_sums = [t + p for t, p in zip(pass_sums, batch.passes)]
-        batches += 1
-        if rank == 0 and sum(len(p) for p in preview) < PREVIEW:
-            preview.append(pixels[:PREVIEW - sum(len(p) for p in preview)].cpu())
-        if save_dir is not None:
-            saved.append((pixels.cpu(), batch.labels, batch.indices))
+    # An equal share per rank (rank_indices): rank 0's count × ranks is the pass's.
+    with progress_bar(num_samples, f"sampling {settings.name}", rank=rank) as bar:
+        for batch in draw_samples(model, mine, settings, base_seed=base_seed, batch_size=batch_size, device=device,
+                                  precision=precision, max_redraws=max_redraws):
+            pixels = to_uint8(batch.images)
+            if acc is not None:
+                acc.update(inception.features(batch.images))
+            if scorer is not None:
+                scorer.update(batch.indices, batch.labels, pixels)
+            if sample_bpd:
+                y = batch.labels if batch.labels is not None else torch.zeros(len(batch.indices), dtype=torch.int64)
+                # each sample's dequantisation keyed by its index: the same whatever the ranks and batches
+                bpd, n = heldout_bits_per_dim(model, [(_to_model_space(pixels), y, torch.as_tensor(batch.indices))],
+                                              device, seed=derive_seed(BPD_STREAM, base_seed) % 2 ** 63)
+                bpd_sum += bpd * n
+            redraws += batch.redraws
+            draws += batch.draws
+            pass_sums = [t + p for t, p in zip(pass_sums, batch.passes)]
+            batches += 1
+            if rank == 0 and sum(len(p) for p in preview) < PREVIEW:
+                preview.append(pixels[:PREVIEW - sum(len(p) for p in preview)].cpu())
+            if save_dir is not None:
+                saved.append((pixels.cpu(), batch.labels, batch.indices))
+            bar.update(len(batch.indices) * world_size)
     if save_dir is not None:
         _save_samples(saved, save_dir / f"samples_{settings.name}_rank{rank:05d}.npz")
     if acc is not None:
