@@ -2,7 +2,11 @@
 
 The reader is streaming's own machinery: ``streaming.StreamingDataset`` (its shuffle, partition over nodes, ranks
 and workers, ``num_canonical_nodes``, local shard cache, S3 download) and its ``state_dict``/``load_state_dict``.
-Our codec decodes images and our transforms run inside the DataLoader workers (``cfg.num_workers``). Batches are
+Our codec decodes images and our transforms run inside the DataLoader workers (``cfg.num_workers``), which read
+each worker's samples in streaming's order from whole shard files mapped once, downloading ahead per shard through
+streaming's ``prepare_shard`` (``mds_streaming``: streaming's per-sample ``__iter__`` and prepare/ready threads ran
+at a third to three quarters of an ImageFolder's images/s), and which persist across training epochs (each epoch's
+position reaches them through streaming's shared state, as streaming intends). Batches are
 ``batch.Batch``; their ``indices`` are streaming's sample ids, which number the split's samples in the shard order
 of ``index.json`` (the manifest's): a sample's index is the same on every launch and in every epoch.
 
@@ -154,7 +158,7 @@ class MDSLoader(ResumableLoader):
 
     Undecodable samples raise ``CorruptSampleError`` (naming shard and key); with ``cfg.skip_corrupt`` they are
     left out of their batch (which is then smaller: positions never shift, so resumption stays exact) and counted in
-    ``skipped_corrupt``. Call ``close()`` (or use ``with``) to stop streaming's threads and remove a temporary cache.
+    ``skipped_corrupt``. Call ``close()`` (or use ``with``) to stop reading ahead and remove a temporary cache.
     """
 
     elastic = True  # train: streaming's elastic partition; heldout: positions r, r + W, ... (module docstring)
@@ -195,6 +199,7 @@ class MDSLoader(ResumableLoader):
         # Local cache: <root>/<split>-<digest>[/rank<r>], shared by the ranks of a machine.
         self._finalizer = None
         self._generators: weakref.WeakSet = weakref.WeakSet()  # live iterations, ended by close()
+        self._train_dataloader = None  # train: made by the first epoch, kept (with its workers) for the next ones
         if cfg.cache_dir:
             root = cfg.cache_dir
         else:
@@ -222,6 +227,11 @@ class MDSLoader(ResumableLoader):
                 raise ValueError(f"another live MDS loader on this machine uses the cache {self.cache_dir}; close() "
                                  "it first or give this one another data.cache_dir") from None
             raise
+        except FileExistsError as e:
+            # streaming takes the lowest free shared-memory prefix of the machine by a scan, then creates it: two
+            # processes building a dataset at the same moment pick the same one.
+            raise DataSourceError(f"streaming's shared memory {e.filename} was taken by another process starting an "
+                                  f"MDS loader on this machine at the same moment; start this run again") from None
         except OSError as e:
             raise DataSourceError(f"cannot fetch {join(self._remote, INDEX_NAME)} into {self.cache_dir}: {e}") from None
         if self._streaming.num_samples != manifest.num_samples:
@@ -283,12 +293,16 @@ class MDSLoader(ResumableLoader):
     def _epoch_batches(self) -> Iterator[Batch | None]:
         return self._train_epoch() if self._train else self._heldout_epoch()
 
-    def _loader_over(self, dataset):
+    def _loader_over(self, dataset, persistent_workers: bool = False):
         return self._dataloader(dataset, num_workers=self.cfg.num_workers, batch_size=self.batch_size,
-                                collate_fn=self._collate, worker_init_fn=worker_init)
+                                collate_fn=self._collate, worker_init_fn=worker_init,
+                                persistent_workers=persistent_workers)
 
     def _accept(self, batch) -> Batch | None:
-        images, labels, indices, errors = batch
+        images, labels, indices, errors, epochs = batch
+        if epochs - {self._epoch}:  # streaming's epoch (from its shared state) and ours must never drift apart
+            raise RuntimeError(f"internal error: streaming read epoch(s) {sorted(epochs)}, the loader is in epoch "
+                               f"{self._epoch}")
         if errors:
             if not self.cfg.skip_corrupt:
                 message, shard, key = errors[0]
@@ -304,8 +318,12 @@ class MDSLoader(ResumableLoader):
         epoch, ds = self._epoch, self._streaming
         ds.next_epoch = epoch  # streaming's shared epoch counter: otherwise a re-started epoch reads as stale
         ds.load_state_dict(self._streaming_state(epoch, self._batch))
-        ds.transform_epoch = epoch  # copied into the workers created by iter() below
-        iterator = iter(self._loader_over(ds))
+        if self._train_dataloader is None:
+            # One DataLoader for the run: its workers stay for every epoch (streaming's design: each __iter__ in a
+            # worker takes the epoch and position from the shared state just loaded), instead of being started
+            # again per epoch.
+            self._train_dataloader = self._loader_over(ds, persistent_workers=True)
+        iterator = iter(self._train_dataloader)
         valid = 0
         try:
             for _ in range(self._batch, self.batches_per_epoch):
@@ -322,9 +340,12 @@ class MDSLoader(ResumableLoader):
                                  f"(image_shape {self._manifest.image_shape}, encoding {self._manifest.encoding})")
             for _ in iterator:  # the rest of streaming's epoch (repeats, the dropped tail): read, discarded
                 pass
+        except Exception:
+            self._shut_down_train_workers()  # after a failed epoch the next one starts with fresh workers
+            raise
         finally:
             del iterator
-            self._stop_streaming_threads()
+            self._streaming.stop_prefetch()  # with num_workers=0 its download-ahead thread runs in this process
 
     def _heldout_epoch(self) -> Iterator[Batch | None]:
         self._streaming.transform_epoch = self._epoch
@@ -345,11 +366,12 @@ class MDSLoader(ResumableLoader):
         finally:
             del iterator
 
-    def _stop_streaming_threads(self) -> None:
-        """With num_workers=0 streaming's download threads run in this process: stop them at the end of an epoch."""
-        it = getattr(self._streaming, "_iterator", None)
-        if it is not None:
-            it.exit()
+    def _shut_down_train_workers(self) -> None:
+        dataloader, self._train_dataloader = self._train_dataloader, None
+        # torch keeps persistent workers in the DataLoader's iterator (private); stop them now, not when collected
+        iterator = getattr(dataloader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def close(self) -> None:
         if self._closed:
@@ -360,10 +382,9 @@ class MDSLoader(ResumableLoader):
                 gen.close()
             except ValueError:  # close() called from inside the loop over this loader: it ends with the loop
                 pass
-        self._stop_streaming_threads()
-        executor = getattr(self._streaming, "_executor", None)
-        if executor is not None:
-            executor.shutdown(wait=False)
+        self._shut_down_train_workers()
+        self._streaming.stop_prefetch()
+        self._streaming.close_shards()  # this process's mappings of the cache's files, before the cache goes
         if self._finalizer is not None:
             self._finalizer()
 

@@ -1,22 +1,34 @@
-"""mosaicml-streaming, adapted: the ``StreamingDataset`` subclass the MDS loader reads through (decoding in the
-workers, download errors raised instead of a silently short epoch), the worker-side helpers, streaming's partition
-as the loader's epoch plan reads it (the epoch's global order, steps per epoch, the canonical nodes a launch can
-use, and a check of the plan against ``streaming.base.partition.get_partitions``), and streaming's view of the
-machine: ranks from the environment, the shared cache directory, stale shared memory.
+"""mosaicml-streaming, adapted: the ``StreamingDataset`` subclass the MDS loader reads through (whole shard files
+mapped once, decoding in the workers, download errors raised instead of a silently short epoch), the worker-side
+helpers, streaming's partition as the loader's epoch plan reads it (the epoch's global order, steps per epoch, the
+canonical nodes a launch can use, and a check of the plan against ``streaming.base.partition.get_partitions``),
+and streaming's view of the machine: ranks from the environment, the shared cache directory, stale shared memory.
 
-Overrides ``StreamingDataset._resume_incr_epoch``, ``on_exception``, ``__iter__`` and ``get_item`` and reads
-``spanner``, ``shards``, ``streams`` and ``_downloader``: internals of mosaicml-streaming 0.13 (pinned in
-pyproject.toml). Imports streaming only when a dataset is built.
+What streaming still does: the shuffle and partition of every epoch (``_get_work``, shared by the workers of a
+machine), resumption (``state_dict``/``load_state_dict`` and the epoch counter), the local cache and downloads
+(``prepare_shard``: locking between workers and ranks, S3, sha1 checks) and the column decoding of a sample
+(``MDSReader.decode_sample``). What we do instead: step through a worker's sample ids, download ahead per shard
+rather than per sample (``ShardPrefetch``), and take a sample's bytes from the shard file mapped once
+(``MappedShards``) rather than opened per sample. Why: bench/data.py's profile of streaming's own ``__iter__``
+(its docstring).
+
+Overrides ``StreamingDataset._resume_incr_epoch``, ``__iter__`` and ``get_item`` and reads ``_unique_rank_world``,
+``_parallel_rank_world``, ``_get_work``, ``sample_offset_per_shard``, ``spanner``, ``shards``, ``streams`` and
+``_downloader``: internals of mosaicml-streaming 0.13 (pinned in pyproject.toml). Imports streaming only when a
+dataset is built.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import mmap
 import os
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,12 +77,14 @@ class Collate:
     out_shape: tuple[int, int, int]
 
     def __call__(self, items: list[dict[str, Any]]):
-        """→ (images, labels, indices, errors): the good samples' tensors and the corrupt ones' reasons."""
+        """→ (images, labels, indices, errors, epochs): the good samples' tensors, the corrupt ones' reasons and
+        the epochs the samples were read in (streaming's; the loader checks them against its own)."""
         good = [it for it in items if it["error"] is None]
         images = torch.stack([it["image"] for it in good]) if good else torch.empty((0, *self.out_shape))
         labels = torch.tensor([it["label"] for it in good], dtype=torch.int64)
         indices = torch.tensor([it["index"] for it in good], dtype=torch.int64)
-        return images, labels, indices, [it["error"] for it in items if it["error"] is not None]
+        return (images, labels, indices, [it["error"] for it in items if it["error"] is not None],
+                {it["epoch"] for it in items})
 
 
 def worker_init(_worker_id: int) -> None:
@@ -80,6 +94,101 @@ def worker_init(_worker_id: int) -> None:
     dataset = getattr(info.dataset, "streaming", info.dataset)
     for stream in getattr(dataset, "streams", []):
         stream._downloader.clean_up()
+
+
+# -- reading shards: each shard file mapped once per process, downloads ahead per shard --------------------------------
+MAX_MAPPED_SHARDS = 512  # per process; far below the kernel's default 65530 mappings, above a shuffle block's shards
+
+
+class UnreadableShardError(ValueError):
+    """A local shard file whose header does not describe the samples index.json lists."""
+
+
+class MappedShards:
+    """The raw MDS files of the shards this process reads, each opened and memory-mapped once.
+
+    streaming's ``MDSReader.get_sample_data`` opens, seeks and closes the shard file for every sample; mapping the
+    file once makes a sample two slices of the page cache. A mapping holds no private memory (the kernel's page
+    cache backs it), so keeping the shards of an epoch mapped costs address space only; beyond
+    ``MAX_MAPPED_SHARDS`` the least recently opened one is closed. Not shared between processes: a copy pickled
+    into a spawned worker starts empty."""
+
+    def __init__(self) -> None:
+        self._maps: OrderedDict[int, tuple[mmap.mmap, np.ndarray]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, _state: dict) -> None:
+        self.__init__()
+
+    def __contains__(self, shard_id: int) -> bool:
+        return shard_id in self._maps
+
+    def open(self, shard_id: int, path: str, num_samples: int) -> None:
+        """Map ``path``, the raw file of a shard that streaming has made local, and read its offset table.
+
+        The MDS raw layout (``streaming.base.format.mds.writer``): uint32 sample count, uint32 offsets[count + 1]
+        (from the file's start), then the samples; the same two offsets ``MDSReader.get_sample_data`` reads. A
+        file whose header disagrees with index.json is an ``UnreadableShardError`` (its samples are corrupt)."""
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        size, table_end = len(mapped), 4 * (num_samples + 2)
+        header = np.frombuffer(mapped[:table_end], np.uint32)  # a copy: the mapping can be closed later
+        if len(header) != num_samples + 2 or header[0] != num_samples or header[-1] > size \
+                or np.any(np.diff(header[1:].astype(np.int64)) < 0):
+            mapped.close()
+            raise UnreadableShardError(f"the shard file's header ({size} bytes) does not describe the "
+                                       f"{num_samples} samples index.json lists")
+        self._maps[shard_id] = mapped, header[1:].astype(np.int64)
+        if len(self._maps) > MAX_MAPPED_SHARDS:
+            self._maps.popitem(last=False)[1][0].close()
+
+    def sample_bytes(self, shard_id: int, index_in_shard: int) -> bytes:
+        mapped, offsets = self._maps[shard_id]
+        return mapped[offsets[index_in_shard]:offsets[index_in_shard + 1]]
+
+    def close(self) -> None:
+        for mapped, _ in self._maps.values():
+            mapped.close()
+        self._maps.clear()
+
+
+class ShardPrefetch:
+    """Downloads the shards of one worker's epoch ahead of reading them, one shard at a time, through streaming's
+    own ``StreamingDataset.prepare_shard`` (its cache, locking between workers and ranks, S3 downloader, sha1 check).
+
+    Replaces streaming's prepare and ready threads, which walk the epoch sample by sample and poll shared state
+    every ``TICK`` under the GIL the decoding needs. Here a shard is submitted once its first sample is at most
+    ``ahead`` samples (streaming's ``predownload``) past the sample being read; reading a shard waits for its
+    download and raises that download's error, so an error never shortens an epoch silently."""
+
+    def __init__(self, prepare_shard, shard_per_sample: np.ndarray, ahead: int) -> None:
+        shards, first = np.unique(shard_per_sample, return_index=True)
+        order = np.argsort(first)
+        self._shards, self._first = shards[order].tolist(), first[order].tolist()
+        self._prepare_shard, self._ahead = prepare_shard, max(1, ahead)
+        self._submitted = 0
+        self._futures: dict[int, Future] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mds-prefetch")
+
+    def advance(self, position: int) -> None:
+        """Submit the shards first needed up to ``ahead`` samples past ``position`` of the epoch."""
+        while self._submitted < len(self._shards) and self._first[self._submitted] <= position + self._ahead:
+            shard_id = self._shards[self._submitted]
+            self._futures[shard_id] = self._executor.submit(self._prepare_shard, shard_id)
+            self._submitted += 1
+
+    def wait(self, shard_id: int) -> None:
+        """Block until ``shard_id`` is local; a shard outside this epoch's plan is prepared here."""
+        future = self._futures.get(shard_id)
+        if future is None:
+            self._prepare_shard(shard_id)
+        else:
+            future.result()  # raises the download's error
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)  # a download under way completes in its thread
 
 
 _DATASET_CLASS = None
@@ -94,49 +203,134 @@ def streaming_dataset_class():
     from streaming import StreamingDataset
 
     class _DecodingStreamingDataset(StreamingDataset):
-        """StreamingDataset whose samples are decoded and transformed where they are read (the workers)."""
+        """StreamingDataset whose samples are read from whole mapped shard files and decoded and transformed where
+        they are read (the DataLoader workers), in streaming's order for this worker."""
 
         def __init__(self, *, decoder: SampleDecoder, remote_split: str, **kwargs):
             super().__init__(**kwargs)
             self.decoder = decoder
             self.remote_split = remote_split
-            self.transform_epoch = 0  # set by the loader before each epoch; workers get a copy
-            self._background_error: BaseException | None = None
-
-        def _resume_incr_epoch(self):
-            epoch, sample_in_epoch = super()._resume_incr_epoch()
-            if epoch != self.transform_epoch:  # our epoch and streaming's must never drift apart
-                raise RuntimeError(f"internal error: streaming started epoch {epoch}, the loader is in epoch "
-                                   f"{self.transform_epoch}")
-            return epoch, sample_in_epoch
-
-        def on_exception(self, future) -> None:
-            # streaming's download threads stop the epoch early without an error in the iterating thread; keep
-            # the error so that __iter__ can raise it after streaming's generator has ended.
-            if future.exception() is not None and self._background_error is None:
-                self._background_error = future.exception()
-            super().on_exception(future)
+            # The epoch of random access (heldout), set by the loader before each pass; an iterated epoch is the
+            # one streaming starts, which persistent workers learn from its shared state, not from their copy.
+            self.transform_epoch = 0
+            self._mapped = MappedShards()
+            self._prefetch: ShardPrefetch | None = None
 
         def __iter__(self):
-            self._background_error = None
-            yield from super().__iter__()
-            if self._background_error is not None:
-                e = self._background_error
-                raise DataSourceError(f"reading shards of {self.remote_split} failed: {type(e).__name__}: {e}")
+            """This worker's samples of the epoch, in the order streaming's own ``__iter__`` yields them.
+
+            Replaces ``StreamingDataset.__iter__``, which yields ``self[sample_id]`` per sample behind a prepare
+            and a ready thread that step through the epoch sample by sample (the profile in bench/data.py's
+            docstring: with them, and a file opened per sample, the reader ran at 0.3-0.7x ImageFolder). Its first
+            part is kept verbatim: which worker this is, the epoch and resumed position (``_resume_incr_epoch``),
+            and this worker's partition of the epoch (``_get_work``: streaming's shuffle and ``get_partitions``,
+            shared between the workers of a machine). Those are internals of streaming 0.13; no public call
+            returns a worker's sample ids."""
+            self.stop_prefetch()  # a previous epoch's downloads in this process
+            self._unique_worker_world = self._unique_rank_world.detect_workers()
+            self._parallel_worker_world = self._parallel_rank_world.detect_workers()
+            epoch, sample_in_epoch = self._resume_incr_epoch()
+            sample_ids = self._get_work(epoch, sample_in_epoch)
+            sample_ids = sample_ids[sample_ids >= 0]  # -1 pads a worker's share; streaming yields nothing for it
+            # streaming's Spanner, for all of the epoch's samples at once: shard i holds ids offset[i] ...
+            offsets = self.sample_offset_per_shard
+            shard_ids = np.searchsorted(offsets, sample_ids, side="right") - 1
+            self._prefetch = prefetch = ShardPrefetch(self.prepare_shard_or_release, shard_ids, self.predownload)
+            try:
+                for position, (sample_id, shard_id) in enumerate(zip(sample_ids.tolist(), shard_ids.tolist())):
+                    prefetch.advance(position)
+                    yield self._sample(sample_id, shard_id, sample_id - int(offsets[shard_id]), epoch)
+            finally:
+                # A persistent worker may start the next epoch before this generator is collected: close only
+                # this epoch's prefetch.
+                prefetch.close()
+                if self._prefetch is prefetch:
+                    self._prefetch = None
+
+        def stop_prefetch(self) -> None:
+            """End this process's downloads ahead (the end or abandonment of an epoch)."""
+            if self._prefetch is not None:
+                self._prefetch.close()
+                self._prefetch = None
+
+        def close_shards(self) -> None:
+            """Unmap this process's shard files (the loader is closed; its cache may go)."""
+            self._mapped.close()
 
         def get_item(self, sample_id: int, retry: int = 7):
+            """Random access (the heldout path, ``self[i]``): the same reading as an epoch's."""
             shard_id, index_in_shard = self.spanner[sample_id]
-            shard = self.shards[shard_id].file_pairs[0][0].basename
+            return self._sample(sample_id, shard_id, index_in_shard, self.transform_epoch)
+
+        def _sample(self, sample_id: int, shard_id: int, index_in_shard: int, epoch: int) -> dict[str, Any]:
+            """Sample ``sample_id`` (the ``index_in_shard``-th of shard ``shard_id``) decoded and transformed for
+            ``epoch``, or why it is not."""
+            shard = self.shards[shard_id]
+            name, position = shard.file_pairs[0][0].basename, f"#{index_in_shard}"
             try:
-                row = super().get_item(sample_id, retry)
-            except (OSError, RuntimeError) as e:  # download failed, shard vanished, background thread died
-                raise DataSourceError(f"cannot read {join(self.remote_split, shard)} (sample {sample_id}): "
-                                      f"{type(e).__name__}: {e}") from None
+                if shard_id not in self._mapped:
+                    self._local_and_mapped(shard_id)
+                row = shard.decode_sample(self._mapped.sample_bytes(shard_id, index_in_shard))
+            except UnreadableShardError as e:  # a shard file whose header does not parse: its every sample
+                return self._unreadable(sample_id, epoch, f"unreadable MDS shard: {e}", name, position)
+            except DataSourceError:
+                raise
             except Exception as e:  # the shard's bytes do not parse as MDS at this sample
-                return {"key": f"#{index_in_shard}", "index": sample_id,
-                        "error": (f"unreadable MDS sample: {type(e).__name__}: {e}", shard, f"#{index_in_shard}")}
+                return self._unreadable(sample_id, epoch, f"unreadable MDS sample: {type(e).__name__}: {e}", name,
+                                        position)
             # streaming's sample id numbers the split's samples in index.json's shard order: the Batch index
-            return {**self.decoder(row, shard, f"#{index_in_shard}", self.transform_epoch), "index": sample_id}
+            return {**self.decoder(row, name, position, epoch), "index": sample_id, "epoch": epoch}
+
+        @staticmethod
+        def _unreadable(sample_id: int, epoch: int, message: str, shard: str, position: str) -> dict[str, Any]:
+            return {"key": position, "index": sample_id, "epoch": epoch, "error": (message, shard, position)}
+
+        def _local_and_mapped(self, shard_id: int) -> None:
+            """Make the shard local through streaming and map its raw file, where streaming's readers read it
+            (``MDSReader.get_sample_data``'s path); streaming's failures as a DataSourceError naming the shard."""
+            shard = self.shards[shard_id]
+            name = shard.file_pairs[0][0].basename
+            path = os.path.join(shard.dirname, shard.split, name)
+            try:
+                self._make_local(shard_id)
+                try:
+                    self._mapped.open(shard_id, path, shard.samples)
+                except FileNotFoundError:  # evicted or removed from the cache since: streaming fetches it again
+                    self.prepare_shard_or_release(shard_id)
+                    self._mapped.open(shard_id, path, shard.samples)
+            except UnreadableShardError:
+                raise
+            except Exception as e:  # a failed download, a vanished shard, a checksum that does not match
+                raise DataSourceError(f"cannot read {join(self.remote_split, name)}: {type(e).__name__}: {e}; if "
+                                      "the shard differs from its index.json, rewrite the split with `tarflow data "
+                                      "write`") from None
+
+        def _make_local(self, shard_id: int) -> None:
+            """Wait for the shard's download ahead, if one was submitted; otherwise download it here."""
+            if self._prefetch is not None:
+                self._prefetch.wait(shard_id)
+            else:
+                self.prepare_shard_or_release(shard_id)
+
+        def prepare_shard_or_release(self, shard_id: int) -> None:
+            """``StreamingDataset.prepare_shard``, but a shard whose download or checksum failed is remote again:
+            streaming leaves it "preparing", so that every other worker or rank that needs it would wait for it
+            forever, and leaves a file that failed its checksum in the cache, where the next prepare_shard would
+            take it as good. Here the file goes and the state is "remote" (``_shard_states`` and
+            ``_cache_filelock``: streaming internals), so the next reader downloads and checks it again and fails
+            with the error itself."""
+            try:
+                self.prepare_shard(shard_id)
+            except Exception:
+                from streaming.base.dataset import _ShardState
+
+                shard = self.shards[shard_id]
+                with self._cache_filelock:  # made by prepare_shard before it could fail
+                    if self._shard_states[shard_id] == _ShardState.PREPARING:
+                        for raw, _ in shard.file_pairs:
+                            Path(shard.dirname, shard.split, raw.basename).unlink(missing_ok=True)
+                        self._shard_states[shard_id] = _ShardState.REMOTE
+                raise
 
     _DecodingStreamingDataset.__module__ = __name__
     _DecodingStreamingDataset.__qualname__ = "_DecodingStreamingDataset"

@@ -144,12 +144,17 @@ class ResumableLoader:
         self._epoch_started()
 
     def _dataloader(self, dataset, *, num_workers: int, batch_size: int | None,
-                    collate_fn: Callable | None = None, worker_init_fn: Callable | None = None) -> DataLoader:
+                    collate_fn: Callable | None = None, worker_init_fn: Callable | None = None,
+                    persistent_workers: bool = False) -> DataLoader:
         """A DataLoader over one epoch, with its own worker seeds: the default draws them from the global RNG,
-        which the trainer's noise comes from, and a resumed run starts its loaders at other points."""
+        which the trainer's noise comes from, and a resumed run starts its loaders at other points.
+
+        ``persistent_workers``: keep the workers for the next ``iter()`` (later epochs), for a dataset whose
+        workers draw no random numbers (their seeds stay those of the epoch that started them) and learn each
+        epoch's plan from shared state rather than from their copy of the dataset."""
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                           collate_fn=collate_fn, worker_init_fn=worker_init_fn if num_workers else None,
-                          persistent_workers=False, drop_last=False,
+                          persistent_workers=persistent_workers and num_workers > 0, drop_last=False,
                           generator=torch.Generator().manual_seed(derive_seed(self._worker_stream, self.seed,
                                                                               self._epoch)))
 

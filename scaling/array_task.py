@@ -77,8 +77,9 @@ def run(array_file: str, task: int | None = None, environ: dict | None = None) -
         if child.poll() is None:
             child.send_signal(signum)
 
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
+    # Restored when the child is done: run() is also called in-process (tests, a driver), where a handler left
+    # behind would forward the caller's later signals to a child that no longer exists.
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     tail: collections.deque[str] = collections.deque(maxlen=20)
 
     def pump():  # the child's output goes on to the job's log; its last lines are kept for the attempt record
@@ -90,7 +91,11 @@ def run(array_file: str, task: int | None = None, environ: dict | None = None) -
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    rc = child.wait()
+    try:
+        rc = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     reader.join(timeout=10)
     if rc not in (0, PREEMPTION_EXIT_CODE) and preempted_file.is_file():
         print(f"[scaling] the trainer stopped for preemption ({preempted_file.read_text().strip()}): exit "

@@ -1,4 +1,7 @@
+import contextlib
+import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,44 @@ def golden():
     if not path.exists():
         pytest.fail(f"golden file not found at {path}; set TARFLOW_SHARED to the folder holding golden/")
     return torch.load(path, weights_only=True)
+
+
+@contextlib.contextmanager
+def _machine_lock(name: str, exclusive: bool = True):
+    """An flock on a file of the machine's temp dir: held across the pytest workers (and any other process)."""
+    with open(Path(tempfile.gettempdir()) / name, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _alone_when_timing_matters(request):
+    """Tests marked ``alone`` run while no other test runs on any pytest worker: their kills and second signals land
+    in windows of a fraction of a second, which a second test file running beside them moves. Every other test
+    holds a shared lock; an ``alone`` test takes it exclusively. The gate, held only while a lock is requested,
+    gives an exclusive request precedence: the other worker cannot keep taking its shared lock back between tests."""
+    alone = request.node.get_closest_marker("alone") is not None
+    stack = contextlib.ExitStack()
+    with _machine_lock("tarflow-tests-gate.lock"):
+        stack.enter_context(_machine_lock("tarflow-tests-alone.lock", exclusive=alone))
+    with stack:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _one_streaming_dataset_starting_at_a_time(request):
+    """Tests marked ``streaming`` (they build MDS loaders, in-process or in the processes they start) hold one lock
+    across the test workers. streaming registers each dataset's shared memory under the lowest free prefix of the
+    machine, found by a scan and then created: two processes starting a dataset at the same moment pick the same
+    prefix and one fails (``File exists: '/000123_locals'``). The pytest workers are such processes."""
+    if request.node.get_closest_marker("streaming") is None:
+        yield
+        return
+    with _machine_lock("tarflow-tests-streaming.lock"):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """kill -9 at random moments during saves and uploads to S3: every resume starts from a complete checkpoint, none
 loads a partial one, and the finished run equals an uninterrupted one (more kills: bench/crash.py)."""
 
+import pytest
 import torch
 
 from tarflow_testing.checkpoint_helpers import model_state
@@ -8,6 +9,7 @@ from tarflow_testing.crash_harness import final_losses, run_with_kills
 from tarflow_testing.runs import free_port
 
 
+@pytest.mark.alone  # kills aimed at sub-second windows: see tests/conftest.py
 def test_kill_9_during_saves_never_resumes_from_a_partial_checkpoint(tmp_path, s3_bucket, fault_proxy):
     # Every PUT is slowed down, so that with a checkpoint every step a kill almost always lands mid-upload.
     fault_proxy.delay_next(10**9, seconds=0.05, method="PUT")

@@ -106,6 +106,7 @@ def test_the_same_run_on_another_number_of_ranks(two_ranks, tmp_path, ranks):
 RUNS = [("ddp", "memory"), ("ddp", "webdataset"), ("ddp", "mds"), ("fsdp", "memory")]
 
 
+@pytest.mark.streaming  # see tests/conftest.py
 @pytest.mark.parametrize("strategy,loader", RUNS, ids=[f"{s}-{d}" for s, d in RUNS])
 @pytest.mark.parametrize("ranks", [1, 4])
 def test_a_two_rank_checkpoint_resumes_on_another_number_of_ranks(two_ranks, tmp_path, strategy, loader, ranks):

@@ -294,6 +294,7 @@ def digit_shards(tmp_path_factory):
     return root
 
 
+@pytest.mark.streaming  # see tests/conftest.py
 @pytest.mark.parametrize("fmt", ["webdataset", "mds"])
 def test_training_on_shards_resumes_bitwise_with_loader_workers(tmp_path, monkeypatch, digit_shards, fmt):
     extra = [f"data.format={fmt}", f"data.uri={digit_shards / fmt}", "data.num_workers=2", "data.shuffle_buffer=64",

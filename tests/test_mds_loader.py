@@ -41,6 +41,8 @@ RANKS_WORKER = REPO / "tests" / "workers" / "mds_ranks.py"
 N_TRAIN, N_HELDOUT = 1617, 180
 SHARD_SIZE = 4000  # bytes: 69 train shards, 8 heldout shards
 
+pytestmark = pytest.mark.streaming  # every test builds MDS loaders: see tests/conftest.py
+
 
 # -- fixtures and helpers ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -339,6 +341,110 @@ def test_step_sets_agree_on_1_2_4_ranks_and_a_state_resumes_on_another_world(dig
     assert _steps([r["resumed"]["indices"] for r in four], 1) == reference[k:]
     assert _steps([r["tail"]["indices"] for r in two], 1) == reference[k:]
     assert local(16, state, steps - k) == reference[k:] and local(8, state, steps - k) == reference[k:]
+
+
+# -- reading: streaming's own __iter__ and shard reader are the reference ---------------------------------------------
+def _keys(rows: list[dict]) -> list[str]:
+    return [row["key"] for row in rows]
+
+
+def test_reads_what_streamings_own_iteration_reads(digits_mds, digits_keys, tmp_path):
+    """The loader steps through the epoch itself, reading whole shard files; the stock ``StreamingDataset`` with
+    the same shuffle, partition and batch size (its ``__iter__``: per-sample ``get_item`` behind its prepare and
+    ready threads) read through a DataLoader of 2 workers, must yield the same samples in the same order, in
+    epoch 0, in epoch 1 (the loader's workers persist across the boundary) and after a resume mid-epoch."""
+    from streaming import StreamingDataset
+
+    from data_pipeline.mds_loader import SHUFFLE_ALGO
+    from data_pipeline.mds_streaming import PARTITION_ALGO
+
+    batch, k = 32, 10
+    with MDSLoader(_cfg(digits_mds, tmp_path, num_workers=2), "train", batch, seed=4) as loader:
+        bpe = loader.batches_per_epoch
+        ours = [[digits_keys["train"][i] for i in b.indices.tolist()] for b in _take(loader, 2 * bpe)]
+        with MDSLoader(_cfg(digits_mds, tmp_path, num_workers=2), "train", batch, seed=4) as head:
+            _take(head, k)
+            state = head.state_dict()
+        with MDSLoader(_cfg(digits_mds, tmp_path, num_workers=1), "train", batch, seed=4) as resumed:
+            resumed.load_state_dict(state)
+            ours_resumed = [[digits_keys["train"][i] for i in b.indices.tolist()] for b in _take(resumed, bpe - k)]
+        stock = StreamingDataset(remote=str(digits_mds / "train"), local=str(tmp_path / "stock"), shuffle=True,
+                                 shuffle_algo=SHUFFLE_ALGO, shuffle_seed=loader._shuffle_seed,
+                                 shuffle_block_size=loader._shuffle_block_size, num_canonical_nodes=1,
+                                 partition_algo=PARTITION_ALGO, batch_size=batch)
+        reader = torch.utils.data.DataLoader(stock, batch_size=batch, num_workers=2, collate_fn=_keys)
+        theirs = [b for _ in range(2) for b in list(reader)[:bpe]]  # epochs 0 and 1, each cut where ours is
+        assert ours == theirs
+        stock.next_epoch = 0  # streaming ignores a saved epoch older than its counter (2 by now)
+        stock.load_state_dict(state["streaming"])
+        assert ours_resumed == list(reader)[:bpe - k] == ours[k:bpe]
+
+
+def test_shard_bytes_are_streamings_and_a_bad_header_is_a_corrupt_shard(digits_copy, tmp_path, monkeypatch):
+    """Every sample's bytes as streaming's own ``MDSReader.get_sample_data`` reads them, with fewer mappings allowed
+    than shards (the least recently opened are closed); a shard whose offset table is garbage (its size kept, so
+    the size check passes) makes each of its samples a corrupt sample naming the shard."""
+    import hashlib
+
+    from data_pipeline import mds_streaming
+
+    monkeypatch.setattr(mds_streaming, "MAX_MAPPED_SHARDS", 3)
+    with MDSLoader(_cfg(digits_copy, tmp_path), "heldout", 32, seed=0) as loader:
+        ds = loader._streaming
+        for shard_id, shard in enumerate(ds.shards):
+            ds._local_and_mapped(shard_id)
+            assert all(ds._mapped.sample_bytes(shard_id, i) == shard.get_sample_data(i) for i in range(shard.samples))
+        assert len(ds._mapped._maps) == 3
+        first_of_shard_2 = int(ds.sample_offset_per_shard[2])
+        in_shard_2 = set(range(first_of_shard_2, first_of_shard_2 + ds.shards[2].samples))
+    shard = digits_copy / "heldout" / "shard.00002.mds"
+    data = bytearray(shard.read_bytes())
+    data[4:12] = b"\xff" * 8  # the first two offsets point past the end of the file
+    shard.write_bytes(bytes(data))
+    index_path = digits_copy / "heldout" / "index.json"  # the new sha1, so that streaming's checksum passes
+    index = json.loads(index_path.read_text())
+    index["shards"][2]["raw_data"]["hashes"]["sha1"] = hashlib.sha1(bytes(data)).hexdigest()
+    index_path.write_text(json.dumps(index))
+    with MDSLoader(_cfg(digits_copy, tmp_path), "heldout", 32, seed=0) as loader:
+        with pytest.raises(CorruptSampleError, match=r"unreadable MDS shard: .*header") as info:
+            list(loader)
+        assert info.value.shard == "shard.00002.mds"
+    with MDSLoader(_cfg(digits_copy, tmp_path, skip_corrupt=True, num_workers=1), "heldout", 32, seed=0) as loader:
+        assert _flat(list(loader))[0] == [i for i in range(N_HELDOUT) if i not in in_shard_2]
+        assert loader.skipped_corrupt == len(in_shard_2)
+
+
+def test_a_shard_failing_its_checksum_fails_every_read(digits_copy, tmp_path):
+    """A shard that differs from index.json's sha1 (its size kept): streaming's checksum refuses it, a
+    DataSourceError naming the shard, in this epoch and the next (not a hang on the shard streaming left
+    "preparing", nor the failed file taken as good the second time)."""
+    root = digits_copy
+    shard = root / "train" / "shard.00001.mds"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with MDSLoader(_cfg(root, tmp_path, num_workers=1), "train", 32, seed=0) as loader:
+        for _ in range(2):
+            with pytest.raises(DataSourceError, match=r"train/shard\.00001\.mds: ValueError: Checksum failure"):
+                _take(loader, loader.batches_per_epoch)
+
+
+def test_train_workers_persist_across_epochs_and_stop_on_close(digits_mds, tmp_path):
+    """With 2 workers, a loop stopped mid-epoch and a new loop that runs into the next epoch yield the batches of
+    a loader without workers; the same worker processes serve both epochs and are gone after close()."""
+    import multiprocessing
+
+    with MDSLoader(_cfg(digits_mds, tmp_path), "train", 64, seed=9) as plain:
+        reference = _flat(_take(plain, 30))[0]
+    others = set(multiprocessing.active_children())
+    with MDSLoader(_cfg(digits_mds, tmp_path, num_workers=2), "train", 64, seed=9) as loader:
+        assert loader.batches_per_epoch == 25
+        head = _take(loader, 10)
+        workers = set(multiprocessing.active_children()) - others
+        tail = _take(loader, 20)  # the rest of epoch 0, and 5 batches of epoch 1
+        assert len(workers) == 2 and workers <= set(multiprocessing.active_children())
+    assert _flat(head + tail)[0] == reference
+    assert not any(p.is_alive() for p in workers)
 
 
 # -- S3 ----------------------------------------------------------------------------------------------------------------

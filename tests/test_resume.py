@@ -81,6 +81,7 @@ def test_resume_from_s3_reproduces_the_uninterrupted_run(tmp_path, s3_bucket, st
     assert report["bits_per_dim"] == pytest.approx(summary["final_bits_per_dim"], rel=1e-9)
 
 
+@pytest.mark.alone  # a second SIGTERM 0.3 s after the first: see tests/conftest.py
 def test_sigterm_saves_exits_with_the_requeue_code_and_resumes_exactly(tmp_path, s3_bucket):
     """SIGTERM to torchrun's agent (what Kubernetes does to a pod): both ranks stop at the same step boundary, save
     to S3, wait for the upload and exit with 75; a second SIGTERM during the save changes nothing. The resumed run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -237,7 +238,9 @@ def test_an_array_task_runs_its_point_records_the_attempt_and_reports_preemption
                                             for p in points]}))
     monkeypatch.setattr(array_task, "child_argv", lambda entry, environ: [*command, *entry["argv"]])
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2", "SLURM_JOB_ID": "1002", "SLURM_ARRAY_JOB_ID": "1000"}
+    handlers = {sig: signal.getsignal(sig) for sig in array_task.FORWARDED}
     assert array_task.run(str(array), environ=env) == 0
+    assert {sig: signal.getsignal(sig) for sig in array_task.FORWARDED} == handlers  # the caller's, restored
     assert _launches(launches) == [points[2].name]
     record, = read_attempts(points[2].run_dir)
     assert (record["returncode"], record["job"], record["array_job"], record["task"]) == (0, "1002", "1000", 2)

@@ -433,6 +433,7 @@ def mds_digits(tmp_path_factory):
     return root
 
 
+@pytest.mark.streaming  # see tests/conftest.py
 def test_plain_srun_tasks_train_like_torchrun_ranks_on_mds_shards(slurm_up, mds_digits, tmp_path):
     """`srun -n 2 python -m tarflow train`: no torchrun, so the ranks come from SLURM's variables, the
     rendezvous is tcp:// to the first node, and streaming gets torchrun's variables from cluster.env (both ranks on

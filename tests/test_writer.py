@@ -154,3 +154,54 @@ def test_unreachable_s3_endpoint_is_a_clear_error(tmp_path, monkeypatch, capsys)
 
 def test_parse_size():
     assert [parse_size(s) for s in ("4000", "64MB", "1MiB", "2 GB")] == [4000, 64_000_000, 2**20, 2_000_000_000]
+
+
+def _files(root):
+    """{relative path: bytes} of every file under a directory."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _objects(uri):
+    from data_pipeline.storage import list_sizes
+
+    return {f"{split}/{name}": read_bytes(f"{uri}/{split}/{name}")
+            for split in ("heldout", "train") for name in list_sizes(f"{uri}/{split}")}
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "mds"])
+def test_workers_write_the_bytes_and_shard_boundaries_of_one_process_locally_and_on_s3(tmp_path, s3_bucket, fmt):
+    source = open_source("photos", image_size=16)  # resizing and PNG encoding happen in the workers
+    one = write_dataset(source, str(tmp_path / "one"), fmt, shard_size=30_000, workers=1)
+    three = write_dataset(source, str(tmp_path / "three"), fmt, shard_size=30_000, workers=3)
+    remote = write_dataset(source, f"s3://{s3_bucket}/two", fmt, shard_size=30_000, workers=2)
+    assert one == three == remote and len(one["train"].shards) > 3
+    files = _files(tmp_path / "one")
+    assert files == _files(tmp_path / "three") == _objects(f"s3://{s3_bucket}/two")
+    assert {"train/manifest.json", "heldout/write-progress.json"} <= set(files)
+
+
+def test_workers_encode_a_source_that_can_only_be_iterated(tmp_path):
+    from data_pipeline.sources import Source
+
+    base = open_source("digits")
+    iterated = Source(base.name, base.num_classes, base.image_shape, base.splits, base.counts,  # no sample_at
+                      settings=base.settings)
+    write_dataset(base, str(tmp_path / "indexed"), "webdataset", shard_size=20_000, workers=1)
+    write_dataset(iterated, str(tmp_path / "iterated"), "webdataset", shard_size=20_000, workers=2)
+    assert _files(tmp_path / "indexed") == _files(tmp_path / "iterated")
+
+
+def test_mds_files_equal_those_streaming_mdswriter_writes_from_the_same_samples(tmp_path):
+    from streaming import MDSWriter
+
+    from data_pipeline.codecs import encode_image
+
+    source = open_source("digits")
+    write_dataset(source, str(tmp_path / "ours"), "mds", shard_size=6_000, workers=2)
+    columns = {"key": "str", "image": "bytes", "label": "int"}
+    with MDSWriter(out=str(tmp_path / "theirs"), columns=columns, size_limit=6_000, hashes=["sha1"]) as writer:
+        for key, image, label in source.splits["train"]():
+            writer.write({"key": key, "image": encode_image(image, "png"), "label": int(label)})
+    theirs = _files(tmp_path / "theirs")
+    ours = _files(tmp_path / "ours" / "train")
+    assert len(theirs) > 10 and theirs == {name: ours[name] for name in theirs}  # index.json and every shard
