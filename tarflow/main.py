@@ -57,5 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as e:
         if os.environ.get("TARFLOW_DEBUG", "0") not in ("", "0"):
             traceback.print_exc()
-        print(f"tarflow {args.command}: error: {e}", file=sys.stderr)
+        # One write with its newline: the ranks of a launch share one stderr, and print() writes the line and its
+        # end separately, so two ranks' lines could run together.
+        sys.stderr.write(f"tarflow {args.command}: error: {e}\n")
+        sys.stderr.flush()
         return USAGE_ERROR
