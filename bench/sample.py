@@ -187,7 +187,7 @@ def load_checkpoint(path: str):
         how = TRAIN_COMMANDS.get(path, "a `tarflow train` run")
         sys.exit(f"bench/sample.py: checkpoint {path} not found; make it with `{how}` or pass its path "
                  f"(--digits / --photos)")
-    model, cfg = load_model(path, torch.device("cpu"))
+    model, cfg, _ = load_model(path, torch.device("cpu"))
     return model.eval(), cfg
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
 import torch
@@ -208,6 +209,21 @@ class TarFlow(nn.Module):
         return torch.empty(c.layers_per_block, 2, rows, c.num_heads, c.num_patches - 1, c.head_dim,
                            dtype=dtype, device=device)
 
+    # ---------------------------------------------------------------- safetensors export (Hugging Face layout)
+    def save_pretrained(self, directory: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+        """Write ``directory/model.safetensors`` (this state dict) and then ``config.json`` (the architecture, and
+        ``metadata`` under its "tarflow" key); returns the directory. See ``models.pretrained``."""
+        from .pretrained import save_pretrained  # here, not at the top: models.pretrained imports this module
+
+        return save_pretrained(self, directory, metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "TarFlow":
+        """The model a ``save_pretrained`` directory holds, checked key by key, on ``map_location``, in eval mode."""
+        from .pretrained import load_pretrained  # (see save_pretrained)
+
+        return load_pretrained(directory, map_location)
+
     # ---------------------------------------------------------------- reference interoperability
     @classmethod
     def from_reference(cls, state_dict_or_path: Mapping[str, torch.Tensor] | str | os.PathLike,
@@ -262,21 +278,29 @@ def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     return state_dict
 
 
-def check_state_dict_matches(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Raise a ValueError naming the first key whose presence or shape differs from ``model``'s."""
+def check_state_dict_matches(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
+                             check_dtype: bool = False) -> None:
+    """Raise a ValueError naming the first key whose presence or shape (and, with ``check_dtype``, dtype) differs
+    from ``model``'s; ``source`` names what holds ``state_dict`` (a file, say) in the message.
+
+    The dtype check is opt-in: ``load_state_dict`` casts, so torch-format checkpoints may hold another dtype, while a
+    safetensors export promises the model's own tensors as they are."""
     expected = model.state_dict()
     config = getattr(model, "config", None)
     for key, tensor in expected.items():
         if key not in state_dict:
-            raise ValueError(f"checkpoint is missing key {key!r} (expected shape {tuple(tensor.shape)}); "
+            raise ValueError(f"{source} is missing key {key!r} (expected shape {tuple(tensor.shape)}); "
                              f"does it match {config}?")
         got = state_dict[key]
         if tuple(got.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint key {key!r} has shape {tuple(got.shape)} but the model expects "
+            raise ValueError(f"{source} key {key!r} has shape {tuple(got.shape)} but the model expects "
                              f"{tuple(tensor.shape)} for {config}")
+        if check_dtype and got.dtype != tensor.dtype:
+            raise ValueError(f"{source} key {key!r} has dtype {got.dtype} but the model expects {tensor.dtype} "
+                             f"for {config}")
     for key, tensor in state_dict.items():
         if key not in expected:
-            raise ValueError(f"checkpoint has unexpected key {key!r} (shape {tuple(tensor.shape)}); "
+            raise ValueError(f"{source} has unexpected key {key!r} (shape {tuple(tensor.shape)}); "
                              f"does it match {config}?")
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 
 def add_parser(sub) -> None:
@@ -18,9 +22,16 @@ def add_parser(sub) -> None:
                                        "manifest: presence, size, sha256")
     q.add_argument("uri")
     q.set_defaults(func=verify)
-    q = csub.add_parser("export", help="any strategy's checkpoint → one consolidated model file")
+    q = csub.add_parser("export", help="any strategy's checkpoint → one consolidated model file, or a Hugging "
+                                       "Face-layout directory (model.safetensors + config.json)")
     q.add_argument("uri", help="…/step-NNNNNNNN, or a root (its newest checkpoint)")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="the .pt file, or with --format safetensors the directory")
+    q.add_argument("--format", choices=("pt", "safetensors"), default="pt",
+                   help="pt: one torch file every command reads (default); safetensors: a directory "
+                        "TarFlow.from_pretrained loads without unpickling")
+    q.add_argument("--weights", default=None, choices=("ema", "raw"),
+                   help="ema: the run's weight average (train.ema); raw: the trained weights (default: the average "
+                        "when the checkpoint holds one); the export records which")
     q.set_defaults(func=export)
     q = csub.add_parser("import-reference", help="official .pth → tarflow checkpoint")
     q.add_argument("file")
@@ -63,12 +74,27 @@ def verify(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     from models import TarFlow
-    from trainer.checkpoint.export import consolidated_model, save_model_file
+    from trainer.checkpoint.export import save_model_file
+    from trainer.config import config_hash
 
-    state, cfg, step = consolidated_model(args.uri)
-    TarFlow(cfg.model).load_state_dict(state)  # it must load into the model its config describes
-    print(save_model_file(state, cfg, step, Path(args.out)))
+    state, weights, cfg, step = _weights_to_export(args.uri, args.weights)
+    model = TarFlow(cfg.model)
+    model.load_state_dict(state)  # it must load into the model its config describes
+    if args.format == "safetensors":
+        metadata = {"weights": weights, "step": step, "config_hash": config_hash(cfg)}
+        print(model.save_pretrained(Path(args.out), metadata=metadata))
+    else:
+        print(save_model_file(state, cfg, step, Path(args.out), weights=weights))
     return 0
+
+
+def _weights_to_export(uri: str, weights: str | None) -> tuple[dict[str, torch.Tensor], str, Config, int]:
+    """(state dict, which weights it is: "raw" or "ema", config, step) of the checkpoint an export writes: the
+    average when the checkpoint holds one, unless ``weights`` says otherwise."""
+    from trainer.checkpoint.export import consolidated_model
+
+    state, cfg, step, used = consolidated_model(uri, weights)
+    return state, used, cfg, step
 
 
 def import_reference(args: argparse.Namespace) -> int:
@@ -86,7 +112,7 @@ def export_reference(args: argparse.Namespace) -> int:
     from trainer.checkpoint import atomic_torch_save
     from trainer.evaluation.loading import load_model
 
-    model, _ = load_model(args.checkpoint, torch.device("cpu"))
+    model = load_model(args.checkpoint, torch.device("cpu")).model  # the average when the checkpoint holds one
     state = model.reference_state_dict()  # refuses, before anything is written, what the official code gets wrong
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-images", type=int, default=0, help="cap on held-out images (bits/dim) or data images "
                                                              "(stats); 0: all")
     p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default=None, choices=["ema", "raw"],
+                   help="ema: the run's weight average (train.ema); raw: the trained weights (default: the average "
+                        "when the checkpoint holds one); every record says which")
     p.add_argument("--metric", default="bpd", choices=METRICS,
                    help="quality: class accuracy, classifier-feature FD, precision/recall (offline; needs `tarflow "
                         "eval classifier train DATA_URI` once); fid+quality: both from the same samples")
@@ -99,11 +102,12 @@ def run(args: argparse.Namespace) -> int:
     from trainer.distributed import process_group
 
     env = discover()
-    model, cfg, device = _load(args, env)
+    model, cfg, device, weights = _load(args, env)
     with process_group(env, device):
         bpd, n = _heldout_bits_per_dim(model, cfg, args, env, device)
         if env.is_main:
-            print(json.dumps({"bits_per_dim": bpd, "images": n, "checkpoint": str(args.checkpoint)}))
+            print(json.dumps({"bits_per_dim": bpd, "images": n, "checkpoint": str(args.checkpoint),
+                              "weights": weights}))
     return 0
 
 
@@ -116,15 +120,15 @@ def _check_overrides(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace, env):
-    """(model, its config with the data.* overrides, device)."""
+    """(model, its config with the data.* overrides, device, which weights: ema | raw)."""
     from trainer.config import load_config
     from trainer.evaluation.loading import load_model
     from trainer.runtime import resolve_device
 
     _check_overrides(args)
     device = resolve_device(args.device, env.local_rank)
-    model, cfg = load_model(args.checkpoint, device)
-    return model, load_config(None, args.overrides, base=cfg), device
+    model, cfg, weights = load_model(args.checkpoint, device, args.weights)
+    return model, load_config(None, args.overrides, base=cfg), device, weights
 
 
 def _heldout_bits_per_dim(model, cfg, args: argparse.Namespace, env, device) -> tuple[float, int]:
@@ -166,7 +170,7 @@ def run_fid(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-redraws must be >= 0, got {args.max_redraws}")
     _check_overrides(args)
     reference = load_stats(args.ref_stats) if with_fid else None
-    model, cfg, device = _load(args, env)
+    model, cfg, device, weights = _load(args, env)
     c = model.config
     inception, notes = None, []
     if with_fid:
@@ -198,7 +202,7 @@ def run_fid(args: argparse.Namespace) -> int:
         heldout = None if args.no_bpd else _heldout_bits_per_dim(model, cfg, args, env, device)[0]
         if out_dir is not None and env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-        title = f"{args.checkpoint} ({args.num_samples} samples)"
+        title = f"{args.checkpoint}, {weights} weights ({args.num_samples} samples)"
         results = run_sweep(model, inception, reference, settings, out_dir=out_dir, title=title,
                             save_samples=args.save_samples, log=_stderr, rank=env.rank,
                             world_size=env.world_size, num_samples=args.num_samples, base_seed=args.seed,
@@ -207,7 +211,8 @@ def run_fid(args: argparse.Namespace) -> int:
                             classifier=classifier)
         if not env.is_main:
             return 0
-        report = {"checkpoint": str(args.checkpoint), "metric": args.metric, "num_samples": args.num_samples,
+        report = {"checkpoint": str(args.checkpoint), "weights": weights, "metric": args.metric,
+                  "num_samples": args.num_samples,
                   "ranks": env.world_size, "seed": args.seed, "precision": precision.name,
                   "results": [r.row() for r in results], "notes": notes}
         if with_fid:

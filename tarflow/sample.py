@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--labels", type=int, nargs="+", help="class labels, cycled (default: 0, 1, 2, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default=None, choices=["ema", "raw"],
+                   help="ema: the run's weight average; raw: the trained weights (default: the average when the "
+                        "checkpoint holds one); the file names say which")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     p.add_argument("--trajectory", action="store_true",
                    help="write trajectory.png/.npz instead: the image after each inverted flow block (rows: "
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.runtime import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
-    model, cfg = load_model(args.checkpoint, device)
+    model, cfg, weights = load_model(args.checkpoint, device, args.weights)
     noise, labels = fixed_noise_and_labels(model, args.num, args.seed)
     if args.labels is not None:
         if not model.config.num_classes:
@@ -52,14 +55,14 @@ def run(args: argparse.Namespace) -> int:
         from trainer.evaluation.trajectory import sampling_trajectory, save_trajectory
 
         trajectory, names = sampling_trajectory(model, noise, labels, settings, device=device, precision=precision)
-        for p in save_trajectory(trajectory, names, Path(args.out), labels):
+        for p in save_trajectory(trajectory, names, Path(args.out), labels, prefix=f"{weights}_"):
             print(p)
         bad = int((~finite_rows(trajectory[:, -1])).sum())
         if bad:
             print(f"warning: {bad} samples with NaN/Inf values", file=sys.stderr)
         return 0
     result = sample_grids(model, noise, labels, [settings], device=device, precision=precision)
-    for p in save_grids(result, Path(args.out), "", labels):
+    for p in save_grids(result, Path(args.out), f"{weights}_", labels):
         print(p)
     for name, passes in result.passes.items():
         print(f"{name}: {args.method} passes per block (last block first, T-1 = "

@@ -58,12 +58,13 @@ def held_tensor_bytes(strategy) -> dict[str, int]:
     (every attribute, list and dict of the optimizer objects, recursively), each storage counted once at its
     allocated size (padding included), in the first of these categories that reaches it: ``parameters`` (what the
     module's parameters hold; ZeRO-3: the partition and any gathered copy), ``gradients`` (the parameters'
-    ``.grad``, and every tensor an optimizer attribute named like a gradient holds), ``optimizer`` (the rest:
-    moments, step counters, fp32 master copies). Knows nothing about how a strategy ought to shard: it measures.
+    ``.grad``, and every tensor an optimizer attribute named like a gradient holds), ``ema`` (the strategy's weight
+    average, when it keeps one), ``optimizer`` (the rest: moments, step counters, fp32 master copies). Knows nothing
+    about how a strategy ought to shard: it measures.
 
     Call it between backward and the optimizer step to see gradients and optimizer state at once."""
     counted: dict[int, int] = {}  # storage data_ptr -> bytes
-    totals = {"parameters": 0, "gradients": 0, "optimizer": 0}
+    totals = {"parameters": 0, "gradients": 0, "optimizer": 0, "ema": 0}
 
     def add(t, category: str) -> None:
         if not isinstance(t, torch.Tensor):
@@ -84,6 +85,8 @@ def held_tensor_bytes(strategy) -> dict[str, int]:
         add(getattr(p, "ds_tensor", None), "parameters")
     for p in params:
         add(p.grad, "gradients")
+    for average in getattr(strategy.ema, "averages", {}).values():
+        add(average, "ema")
     seen: set[int] = set()
 
     def walk(obj, category: str, depth: int) -> None:

@@ -36,10 +36,10 @@ def test_sample_writes_grids_and_arrays(checkpoint, tmp_path):
     code = main(["sample", checkpoint["checkpoint"], "--num", "6", "--guidance", "1.5", "--annealed",
                  "--denoise", "--labels", "3", "7", "--out", str(out), "--device", "cpu"])
     assert code == 0
-    arrays = np.load(out / "samples.npz")
+    arrays = np.load(out / "raw_samples.npz")
     assert arrays["g1.5"].shape == arrays["g1.5_denoised"].shape == (6, 1, 8, 8)
     assert arrays["labels"].tolist() == [3, 7, 3, 7, 3, 7]
-    grid = np.asarray(Image.open(out / "g1.5.png"))
+    grid = np.asarray(Image.open(out / "raw_g1.5.png"))
     assert grid.shape[0] > 8 and grid.dtype == np.uint8
     # The same checkpoint and seed give the same samples as the model API.
     cfg = from_yaml_text((Path(checkpoint["run_dir"]) / "config.yaml").read_text())
@@ -69,7 +69,7 @@ def test_sample_with_a_parallel_inversion_reports_its_passes(checkpoint, tmp_pat
     model.load_state_dict(model_state(checkpoint["checkpoint"]))
     noise = torch.randn(6, 16, 4, generator=torch.Generator().manual_seed(0))
     expected = model.reverse(noise, torch.arange(6) % 10, guidance=1.5)  # tol 0: the exact inverse
-    torch.testing.assert_close(torch.from_numpy(np.load(out / "samples.npz")["g1.5"]), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "raw_samples.npz")["g1.5"]), expected, rtol=0, atol=1e-5)
     with pytest.raises(SystemExit):
         main(["sample", checkpoint["checkpoint"], "--method", "newton", "--out", str(out)])
 
@@ -170,6 +170,45 @@ def test_ckpt_ls_verify_and_export(checkpoint, tmp_path, capsys):
         "saving it, so it would load this file with strict=True and compute a different model; export a model "
         "trained with model.head_dim=64\n")
     assert not (tmp_path / "ref.pth").exists()
+
+
+def test_ckpt_export_safetensors_is_the_checkpoints_model(checkpoint, tmp_path, capsys):
+    from models import read_pretrained_metadata
+    from trainer.checkpoint.export import listing
+    from trainer.evaluation.loading import load_model
+
+    out = tmp_path / "hf"
+    assert main(["ckpt", "export", checkpoint["checkpoint"], "--format", "safetensors", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    expected, cfg, _ = load_model(checkpoint["checkpoint"], torch.device("cpu"))
+    model = TarFlow.from_pretrained(out)
+    assert model.config == cfg.model and not model.training
+    assert list(model.state_dict()) == list(expected.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items())
+    manifest_hash = listing(str(Path(checkpoint["checkpoint"]).parent))[-1]["config_hash"]
+    assert read_pretrained_metadata(out) == {"weights": "raw", "step": 12, "config_hash": manifest_hash}
+    # Every command taking a checkpoint reads the directory: its config is the default with this architecture.
+    loaded, loaded_cfg, _ = load_model(str(out), torch.device("cpu"))
+    assert loaded_cfg.model == cfg.model and loaded_cfg.data == cfg.data
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.state_dict().items())
+    assert main(["eval", str(out), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["bits_per_dim"] == pytest.approx(checkpoint["final_bits_per_dim"], rel=1e-12)
+
+
+def test_a_broken_safetensors_export_is_one_line(checkpoint, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["ckpt", "export", checkpoint["checkpoint"], "--format", "safetensors", "--out", str(out)]) == 0
+    capsys.readouterr()
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-64])
+    assert main(["eval", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"tarflow eval: error: {out}/model.safetensors is not a readable "
+                                              f"safetensors file")
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert main(["ckpt", "export", checkpoint["checkpoint"], "--format", "safetensors",
+                 "--out", str(tmp_path / "model.pt")]) == 2
+    assert "model.pt is a file; save_pretrained writes a directory" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

@@ -10,8 +10,8 @@ from trainer.evaluation.loading import load_model
 
 def test_an_export_loads_into_the_model_its_config_describes(tmp_path):
     model, cfg = perturbed_model()
-    loaded, loaded_cfg = load_model(str(export(model, cfg, tmp_path / "model.pt")), CPU)
-    assert not loaded.training and loaded_cfg.model == cfg.model
+    loaded, loaded_cfg, weights = load_model(str(export(model, cfg, tmp_path / "model.pt")), CPU)
+    assert not loaded.training and loaded_cfg.model == cfg.model and weights == "raw"
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 

@@ -57,11 +57,11 @@ def test_sample_trajectory_command(tmp_path, capsys):
     assert main(["sample", str(ckpt), "--trajectory", "--num", "4", "--guidance", "1", "--labels", "2", "7",
                  "--denoise", "--out", str(out), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(out / "trajectory.png"), str(out / "trajectory.npz")]
-    arrays = np.load(out / "trajectory.npz")
+    assert printed == [str(out / "raw_trajectory.png"), str(out / "raw_trajectory.npz")]
+    arrays = np.load(out / "raw_trajectory.npz")
     assert arrays["trajectory"].shape == (4, 4, 1, 8, 8) and arrays["labels"].tolist() == [2, 7, 2, 7]
     assert arrays["columns"].tolist()[-1] == "denoised"
     noise = torch.randn(4, 16, 4, generator=torch.Generator().manual_seed(0))  # `sample`'s fixed noise, seed 0
     expected = model.reverse(noise, torch.tensor([2, 7, 2, 7]), guidance=1.0)
     torch.testing.assert_close(torch.from_numpy(arrays["trajectory"][:, -2]), expected, rtol=1e-6, atol=1e-6)
-    assert np.asarray(Image.open(out / "trajectory.png")).shape == ((4 * 9 + 1) * 8, (4 * 9 + 1) * 8, 3)
+    assert np.asarray(Image.open(out / "raw_trajectory.png")).shape == ((4 * 9 + 1) * 8, (4 * 9 + 1) * 8, 3)

@@ -73,8 +73,8 @@ def test_run_directory_holds_config_metrics_samples_and_checkpoints(trained_run)
     assert all(0 < r["checkpoint/blocked_seconds"] <= r["checkpoint/save_seconds"] for r in saves)
     assert records[0]["model/parameters"] > 0 and records[0]["model/train_flops_per_image"] > 0
     names = {p.name for p in (run_dir / "samples").iterdir()}
-    assert {"final_g0.png", "final_g1.png", "final_g0_denoised.png", "final_g1_denoised.png",
-            "final_samples.npz"} <= names
+    assert {"final_raw_g0.png", "final_raw_g1.png", "final_raw_g0_denoised.png", "final_raw_g1_denoised.png",
+            "final_raw_samples.npz"} <= names
     assert steps(run_dir / "checkpoints") == [40, 60]  # keep=2 of 20, 40, 60
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_bits_per_dim"] == trained_run.final_bits_per_dim
@@ -130,11 +130,11 @@ def test_tensorboard_holds_the_jsonl_scalars_and_the_sample_grids(trained_run):
     for key, points in expected.items():  # TensorBoard stores scalars as float32
         assert [(e.step, e.value) for e in events.Scalars(key)] == points, key
     names = ("g0", "g1", "g0_denoised", "g1_denoised")
-    assert set(events.Tags()["images"]) == {f"samples/{n}" for n in names}
+    assert set(events.Tags()["images"]) == {f"samples/raw_{n}" for n in names}  # the weights they are of
     for name in names:
-        shown = events.Images(f"samples/{name}")
+        shown = events.Images(f"samples/raw_{name}")
         assert [e.step for e in shown] == [30, 60]
-        png = trained_run.run_dir / "samples" / f"step00000030_{name}.png"
+        png = trained_run.run_dir / "samples" / f"step00000030_raw_{name}.png"
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(shown[0].encoded_image_string))),
                                       np.asarray(Image.open(png)))
 

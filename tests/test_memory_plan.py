@@ -81,12 +81,13 @@ BASE = ["model.in_channels=3", "model.channels=64", "model.head_dim=32", "model.
         "model.layers_per_block=2", "model.num_classes=3", "train.global_batch=16", "train.micro_batch=4"]
 RUNS = {
     "single": [],
-    "ddp": ["train.strategy=ddp"],
-    "fsdp": ["train.strategy=fsdp"],
+    "ddp": ["train.strategy=ddp", "train.ema.decay=0.99"],
+    "fsdp": ["train.strategy=fsdp", "train.ema.decay=0.99"],
     "fsdp-block": ["train.strategy=fsdp", "fsdp.unit=block", "optim.decay_norms_biases_embeddings=false"],
-    "zero1": ["train.strategy=deepspeed", "deepspeed.stage=1"],
-    "zero2": ["train.strategy=deepspeed", "deepspeed.stage=2", "optim.decay_norms_biases_embeddings=false"],
-    "zero3": ["train.strategy=deepspeed", "deepspeed.stage=3"],
+    "zero1": ["train.strategy=deepspeed", "deepspeed.stage=1", "train.ema.decay=0.99"],
+    "zero2": ["train.strategy=deepspeed", "deepspeed.stage=2", "optim.decay_norms_biases_embeddings=false",
+              "train.ema.decay=0.99"],
+    "zero3": ["train.strategy=deepspeed", "deepspeed.stage=3", "train.ema.decay=0.99"],
     # DeepSpeed's default bucket (2 GB) dwarfs this model's state: with a small one the state itself is compared
     "zero1-small-bucket": ["train.strategy=deepspeed", "deepspeed.stage=1"],
     "zero3-small-bucket": ["train.strategy=deepspeed", "deepspeed.stage=3", "train.activation_checkpointing=1"],
@@ -124,6 +125,7 @@ def test_plan_matches_what_each_rank_holds(measured, name):
     assert plan.state.parameters == pytest.approx(fullest["parameters"], rel=0.05)
     if cfg.train.strategy != "deepspeed":  # DeepSpeed's attribute names do not say what each buffer is
         assert plan.state.gradients == pytest.approx(fullest["gradients"], rel=0.05)
+    assert plan.state.ema == pytest.approx(fullest["ema"], rel=0.05)  # 0 when the run keeps no average
     # The checkpoint's tensors, all ranks' files together; the formats add a record per tensor on top (about 0.4 KB in
     # a torch file, 1.6 KB per tensor and rank in DCP shards): a quarter of this small model's DCP files
     assert checkpoint_bytes(cfg, 2) <= result["checkpoint_bytes"] <= 1.5 * checkpoint_bytes(cfg, 2)

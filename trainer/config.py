@@ -51,6 +51,16 @@ class ScheduleConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An exponential moving average of the weights (``trainer.ema``), kept in fp32 and sharded like the parameters;
+    evaluation, sample grids and exports use it (``eval.weights``)."""
+
+    decay: float = 0.0    # 0: no average; e.g. 0.999 (the weight of the old average per applied step)
+    start_step: int = 0   # the average is a copy of the weights until this step
+    warmup: bool = False  # decay min(decay, (1+n)/(10+n)) at the n-th update: early weights are forgotten quickly
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/digits"
     steps: int = 1000
@@ -71,6 +81,7 @@ class TrainConfig:
     # refuse: a checkpoint continues only under a config that computes the same steps (trainer.resume_policy) |
     # allow: a deliberate change (optim.lr, ...) takes effect from the checkpoint's step, recorded in the run's history
     resume_changes: str = "refuse"
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 @dataclass
@@ -100,6 +111,9 @@ class EvalConfig:
     batch_size: int = 256
     max_images: int = 0   # 0: the whole held-out split
     inception_weights: str = ""  # FID Inception weights file of the convention, or a directory; "": the usual places
+    # ema: the weight average when the run keeps one (train.ema.decay > 0), else the trained weights | raw: always
+    # the trained weights. Grids, FID and exports say which in their records and file names.
+    weights: str = "ema"
 
 
 @dataclass
@@ -178,6 +192,7 @@ class Config:
 NOISE_KINDS = ("uniform", "gaussian")
 PRECISIONS = ("auto", "fp32", "bf16")
 RESUME_CHANGES = ("refuse", "allow")
+EVAL_WEIGHTS = ("ema", "raw")
 WANDB_MODES = ("", "offline", "online", "disabled")
 
 
@@ -281,6 +296,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(cfg.deepspeed.stage in (1, 2, 3), "deepspeed.stage", f"must be 1, 2 or 3, got {cfg.deepspeed.stage}")
     _require(t.activation_checkpointing >= 0, "train.activation_checkpointing",
              f"must be >= 0 (0: off, k: every k-th layer), got {t.activation_checkpointing}")
+    _require(0 <= t.ema.decay < 1, "train.ema.decay", f"must be in [0, 1) (0: no average), got {t.ema.decay}")
+    _require(t.ema.start_step >= 0, "train.ema.start_step", f"must be >= 0, got {t.ema.start_step}")
+    _require(cfg.eval.weights in EVAL_WEIGHTS, "eval.weights",
+             f"must be one of {EVAL_WEIGHTS} (ema: the average when the run keeps one), got {cfg.eval.weights!r}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",

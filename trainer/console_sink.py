@@ -66,9 +66,11 @@ def _eval_text(values: Mapping[str, float]) -> str:
     parts = [":"]
     if "bits_per_dim" in values:
         parts.append(f"held-out bpd {values['bits_per_dim']:.4f}")
+    if "bits_per_dim_ema" in values:
+        parts.append(f"(weight average {values['bits_per_dim_ema']:.4f})")
     if "images" in values:
         parts.append(f"over {values['images']:.0f} images")
-    rest = {k: v for k, v in values.items() if k not in ("bits_per_dim", "images")}
+    rest = {k: v for k, v in values.items() if k not in ("bits_per_dim", "bits_per_dim_ema", "images")}
     return " ".join(parts + ([_values(rest)] if rest else []))
 
 

@@ -24,6 +24,7 @@ from .checkpoint.run_checkpointer import RunCheckpointer
 from .config import Config, to_yaml, validate
 from .console_sink import ConsoleSink
 from .distributed import all_reduce_sum, process_group
+from .ema import eval_weights
 from .evaluation.bpd import collective_bits_per_dim
 from .evaluation.grids import grid_pictures, grid_settings, sample_grids, save_grids
 from .evaluation.sampler import fixed_noise_and_labels
@@ -60,6 +61,7 @@ class TrainResult:
     seconds: float
     preempted: str | None = None  # why the run stopped early (a signal, the time limit), or None
     already_finished: bool = False  # the checkpoint had reached train.steps: nothing was done, nothing written
+    weights: str = "raw"  # which weights final_bits_per_dim and the grids are of: ema (the average) | raw
 
 
 def loss_to_bits_per_dim(loss_nats: float) -> float:
@@ -101,6 +103,9 @@ class Trainer:
         if t.compile:
             compile_layers(model)
         self.strategy.setup(model, cfg.optim)
+        if t.ema.decay > 0:
+            self.strategy.attach_ema(t.ema)
+        self.weights = eval_weights(cfg)  # which weights evaluation and grids use: ema | raw
         self.model = self.strategy.unwrapped
         self.schedule = build_schedule(cfg)
         self.accumulation = t.global_batch // (t.micro_batch * self.world_size)
@@ -168,7 +173,7 @@ class Trainer:
             return TrainResult(run_dir=self.run_dir, step=state.step, initial_bits_per_dim=state.initial_bits_per_dim,
                                final_bits_per_dim=None, checkpoint=self.checkpoints.last_uri, sample_grids=[],
                                nonfinite_steps=state.nonfinite_total, seconds=time.perf_counter() - started,
-                               already_finished=True)
+                               already_finished=True, weights=self.weights)
         guard = PreemptionGuard(cfg.preemption.signals, 60.0 * cfg.preemption.time_limit_minutes)
         final_bpd, grids, stopped = None, [], None
         try:
@@ -201,7 +206,7 @@ class Trainer:
         result = TrainResult(run_dir=self.run_dir, step=state.step, initial_bits_per_dim=state.initial_bits_per_dim,
                              final_bits_per_dim=final_bpd, checkpoint=self.checkpoints.last_uri,
                              sample_grids=grids, nonfinite_steps=state.nonfinite_total,
-                             seconds=time.perf_counter() - started, preempted=stopped)
+                             seconds=time.perf_counter() - started, preempted=stopped, weights=self.weights)
         if self.env.is_main and stopped:
             # torchrun exits 1 whatever its workers' codes, so launchers also look for this file to requeue.
             atomic_write_text(self.run_dir / PREEMPTED_FILE, json.dumps(
@@ -244,6 +249,7 @@ class Trainer:
         state.images_seen += t.global_batch
         self.window.end_step(result.grad_norm, result.applied, t.global_batch)
         if result.applied:
+            self.strategy.update_ema(state.step)
             state.nonfinite_consecutive = 0
             return lr
         state.nonfinite_total += 1
@@ -281,18 +287,28 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation, samples, checkpoints
     def evaluate(self) -> float:
-        """Each rank evaluates its part of the held-out split; the mean is over all of it."""
-        bpd, n = collective_bits_per_dim(self.model, self.heldout_loader, self.device,
-                                         max_images=self.cfg.eval.max_images, world_size=self.world_size)
-        self.logger.log(self.state.step, {"eval/bits_per_dim": bpd, "eval/images": n})
-        return bpd
+        """Each rank evaluates its part of the held-out split; the mean is over all of it. With a weight average,
+        both the trained weights (``eval/bits_per_dim``) and the average (``eval/bits_per_dim_ema``) are evaluated;
+        the value returned (the summary's) is of ``eval.weights``."""
+        cfg = self.cfg.eval
+        results = {}
+        for weights in ("raw", "ema") if self.strategy.ema is not None else ("raw",):
+            with self.strategy.evaluating(weights) as model:
+                results[weights], n = collective_bits_per_dim(model, self.heldout_loader, self.device,
+                                                              max_images=cfg.max_images, world_size=self.world_size)
+        metrics = {"eval/bits_per_dim": results["raw"], "eval/images": n}
+        if "ema" in results:
+            metrics["eval/bits_per_dim_ema"] = results["ema"]
+        self.logger.log(self.state.step, metrics)
+        return results[self.weights]
 
     def sample(self, prefix: str) -> list[Path]:
         """Each rank samples an equal slice of the fixed noise (the last padded by wrapping around, so that sharded
-        models see the same collectives everywhere); rank 0 gathers the slices and writes the grids."""
+        models see the same collectives everywhere); rank 0 gathers the slices and writes the grids, named after the
+        weights they come from (``final_ema_g1.png``)."""
         cfg, t = self.cfg.sample, self.cfg.train
         settings = grid_settings(cfg, denoise_std(t.noise, t.noise_std) if cfg.denoise else None)
-        with self.strategy.inference() as model:
+        with self.strategy.inference(self.weights) as model:
             result = sample_grids(model, self.sample_noise, self.sample_labels, settings, device=self.device,
                                   precision=self.precision, rank=self.rank, world_size=self.world_size)
         if result is None:
@@ -303,8 +319,9 @@ class Trainer:
             self.logger.log(self.state.step, {f"sample/nonfinite_{k}": v for k, v in result.nonfinite.items()})
             print(f"note: samples with NaN/Inf values at step {self.state.step}: {result.nonfinite}")
         pictures = grid_pictures(result)
-        self.logger.log_images(self.state.step, {f"samples/{name}": grid for name, grid in pictures.items()})
-        return save_grids(result, self.run_dir / "samples", prefix, self.sample_labels, pictures)
+        self.logger.log_images(self.state.step, {f"samples/{self.weights}_{name}": grid
+                                                 for name, grid in pictures.items()})
+        return save_grids(result, self.run_dir / "samples", f"{prefix}{self.weights}_", self.sample_labels, pictures)
 
     def save_checkpoint(self) -> None:
         """Collective; training waits only for the staging. A save's record is logged when its upload is done

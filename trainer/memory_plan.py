@@ -2,11 +2,11 @@
 
 What ``tarflow train --dry-run`` prints, for the strategy the config names at any world size:
 
-- **training state** per rank: parameters, gradients, fp32 master weights, AdamW moments, EMA (none yet), and the
-  communication buffers a strategy keeps (DeepSpeed's gradient-reduction bucket). The parameter shapes come from
-  ``models.TarFlowConfig`` by the model's own layout (``parameter_shapes``); how each strategy shards them is
-  stated here per strategy, from what it actually holds (``tests/test_memory_plan_ranks.py`` measures every
-  strategy on 2 ranks and holds this module to within 5%);
+- **training state** per rank: parameters, gradients, fp32 master weights, AdamW moments, the weight average
+  (train.ema), and the communication buffers a strategy keeps (DeepSpeed's gradient-reduction bucket). The parameter
+  shapes come from ``models.TarFlowConfig`` by the model's own layout (``parameter_shapes``); how each strategy
+  shards them is stated here per strategy, from what it actually holds (``tests/test_memory_plan_ranks.py``
+  measures every strategy on 2 ranks and holds this module to within 5%);
 - **activations** kept by one micro-batch's forward for its backward, with and without activation checkpointing
   (``activation_bytes``: per transformer layer and flow block, from the tensors autograd saves);
 - **FLOPs** per optimizer step (``trainer.flops``) and the **checkpoint** payload.
@@ -86,9 +86,7 @@ class TrainingState:
     gradients: int
     master_weights: int     # fp32 copies beside the parameters (DeepSpeed keeps them even for an fp32 model)
     optimizer_moments: int  # AdamW's exp_avg and exp_avg_sq (fp32) and its step counters
-    # EMA weights: the trainer keeps no EMA yet. When it does, compute its bytes here (a copy of the parameters, or of
-    # this rank's shard of them) and add a row to ``format_plan``; ``total`` already includes it.
-    ema: int = 0
+    ema: int = 0            # train.ema's fp32 average: of the replica, of the shard, or of the master partition
     buffers: int = 0        # communication buffers the strategy allocates (DeepSpeed's gradient-reduction bucket)
     buffers_freed_before_step: bool = False  # ZeRO-2 frees its bucket at the end of backward, ZeRO-1/3 keep theirs
     location: str = "device"  # "host": fsdp.cpu_offload keeps parameters, gradients and optimizer state there
@@ -132,12 +130,19 @@ def training_state(cfg: Config, world_size: int, nodes: int = 1, bf16: bool = Fa
     n, tensors = sum(s.numel for s in shapes), len(shapes)
     strategy = cfg.train.strategy
     if strategy in ("single", "ddp"):  # a full replica per rank; DDP's gradient buckets are the gradients
-        return TrainingState(FP32 * n, FP32 * n, 0, _moments(n, tensors))
-    if strategy == "fsdp":
-        return _fsdp_state(cfg, shapes, world_size, nodes)
-    if strategy == "deepspeed":
-        return _deepspeed_state(cfg, shapes, world_size, bf16, deepspeed_config or {})
-    raise ValueError(f"train.strategy={strategy!r} has no memory plan")
+        state = TrainingState(FP32 * n, FP32 * n, 0, _moments(n, tensors))
+    elif strategy == "fsdp":
+        state = _fsdp_state(cfg, shapes, world_size, nodes)
+    elif strategy == "deepspeed":
+        state = _deepspeed_state(cfg, shapes, world_size, bf16, deepspeed_config or {})
+    else:
+        raise ValueError(f"train.strategy={strategy!r} has no memory plan")
+    if cfg.train.ema.decay == 0:
+        return state
+    # The average is an fp32 copy of what the rank holds of the weights: the replica (single, ddp), the shard
+    # (fsdp, whose parameters are fp32), the fp32 master partition (deepspeed, every stage).
+    held = state.master_weights if strategy == "deepspeed" else state.parameters
+    return dataclasses.replace(state, ema=held)
 
 
 def _fsdp_state(cfg: Config, shapes: list[ParameterShape], world_size: int, nodes: int) -> TrainingState:
@@ -279,15 +284,17 @@ def checkpoint_bytes(cfg: Config, world_size: int, bf16: bool = False) -> int:
     """Tensor payload of one checkpoint, all ranks' files together (file-format overhead comes on top: ~3% for a
     small model, less for a large one). torch (single, ddp) and DCP (fsdp): the fp32 model, its buffer and AdamW's
     moments. DeepSpeed: its fp32 master partitions and moments on every rank, and the module's weights from rank 0
-    (stages 1 and 2: in the compute dtype; stage 3 keeps them only in the masters)."""
+    (stages 1 and 2: in the compute dtype; stage 3 keeps them only in the masters). With train.ema, the fp32
+    average as well."""
     shapes = parameter_shapes(cfg.model)
     n, tensors = sum(s.numel for s in shapes), len(shapes)
     buffer = FP32 * buffer_elements(cfg.model)
+    ema = FP32 * n if cfg.train.ema.decay > 0 else 0  # the average, whole over all ranks' files
     if cfg.train.strategy != "deepspeed":
-        return FP32 * n + buffer + _moments(n, tensors)
+        return FP32 * n + buffer + _moments(n, tensors) + ema
     state = training_state(cfg, world_size, bf16=bf16)
     module = 0 if cfg.deepspeed.stage == 3 else (BF16 if bf16 else FP32) * n
-    return module + buffer + world_size * state.optimizer_state
+    return module + buffer + world_size * state.optimizer_state + ema
 
 
 # ---------------------------------------------------------------- the plan
@@ -356,7 +363,7 @@ def format_plan(plan: MemoryPlan, cfg: Config) -> str:
              f"{plan.parameters:,} parameters",
              f"  per rank{where}" + (" (the fullest: shards differ by a row)" if plan.strategy.startswith("fsdp")
                                       else "") + ":"]
-    lines += [f"    {name:<24}{_size(v) if v else ('none yet' if name == 'EMA' else '-'):>14}" for name, v in rows]
+    lines += [f"    {name:<24}{_size(v) if v else ('off' if name == 'EMA' else '-'):>14}" for name, v in rows]
     lines.append(f"    {'training state':<24}{_size(s.total):>14}")
     ckpt = f"every {a.checkpoint_every} layer(s)" if a.checkpoint_every > 1 else "every layer"
     set_as = "" if a.checkpointing_on else f" (train.activation_checkpointing={a.checkpoint_every})"

@@ -46,6 +46,8 @@ RESUME_KINDS: dict[str, str] = {
     **_keys(FREE, "train", "run_dir", "steps", "micro_batch", "device", "strategy", "activation_checkpointing",
             "compile", "max_nonfinite_steps", "resume", "resume_changes"),
     **_keys(TRAJECTORY, "train", "global_batch", "noise", "noise_std", "label_drop", "seed", "precision"),
+    # The weight average is part of what the run computes (evaluation and exports use it).
+    **_keys(TRAJECTORY, "train.ema", "decay", "start_step", "warmup"),
     # How parameters are sharded and gathered; a bf16 gradient reduction rounds differently.
     **_keys(FREE, "fsdp", "unit", "reshard_after_forward", "cpu_offload", "hybrid"),
     **_keys(TRAJECTORY, "fsdp", "reduce_dtype"),
@@ -53,7 +55,8 @@ RESUME_KINDS: dict[str, str] = {
     **_keys(FREE, "deepspeed", "stage"),
     **_keys(TRAJECTORY, "deepspeed", "config"),
     # Evaluation and sampling draw from generators of their own, never from the training noise streams.
-    **_keys(FREE, "eval", "every", "at_start", "batch_size", "max_images", "inception_weights"),
+    **_keys(FREE, "eval", "every", "at_start", "batch_size", "max_images", "inception_weights",
+            "weights"),
     **_keys(FREE, "sample", "every", "num", "guidance", "attn_temp", "annealed", "denoise", "seed", "method", "tol",
             "max_iters", "window"),
     **_keys(FREE, "logging", "every", "progress", "run_name", "wandb", "wandb_project", "wandb_mode", "wandb_entity",

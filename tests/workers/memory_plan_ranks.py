@@ -35,6 +35,8 @@ def measure(overrides: list[str], env, device) -> dict:
     model = TarFlow(cfg.model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     strategy.setup(model, cfg.optim)
+    if cfg.train.ema.decay > 0:
+        strategy.attach_ema(cfg.train.ema)
     m, t = cfg.model, cfg.train
     accumulation = t.global_batch // (t.micro_batch * env.world_size)
     g = torch.Generator().manual_seed(env.rank)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -34,11 +35,23 @@ def _manager(uri: str) -> CheckpointManager:
     return CheckpointManager(open_store(uri), Path(tempfile.gettempdir()), Ranks())
 
 
-def consolidated_model(uri: str) -> tuple[dict[str, torch.Tensor], Config, int]:
-    """(the model's full fp32 state dict, the run's config, step) from any strategy's checkpoint or an export."""
+class ConsolidatedModel(NamedTuple):
+    state: dict[str, torch.Tensor]  # the model's full fp32 state dict
+    config: Config                  # the run's
+    step: int
+    weights: str                    # which weights ``state`` holds: "ema" (the run's average) or "raw" (as trained)
+
+
+def consolidated_model(uri: str, weights: str | None = None) -> ConsolidatedModel:
+    """The model of any strategy's checkpoint or an export, with ``weights``: "ema" (the weight average; an error
+    when the checkpoint has none), "raw" (as trained), or None: the average when the checkpoint holds one."""
     if Path(uri).is_file():
         state = load_checkpoint_file(uri)
-        return state["model"], from_yaml_text(state["config_yaml"]), state.get("step", 0)
+        held = state.get("weights", "raw")  # an export holds one of the two, and says which
+        if weights not in (None, held):
+            raise CheckpointError(f"{uri} holds the {_WEIGHTS[held]} only, not the {_WEIGHTS[weights]}; export it "
+                                  f"again from the checkpoint with --weights {weights}")
+        return ConsolidatedModel(state["model"], from_yaml_text(state["config_yaml"]), state.get("step", 0), held)
     from ..strategies import CHECKPOINT_FORMATS
 
     manager, steps = locate(uri)
@@ -46,17 +59,29 @@ def consolidated_model(uri: str) -> tuple[dict[str, torch.Tensor], Config, int]:
     with tempfile.TemporaryDirectory(prefix="tarflow-ckpt-") as tmp:
         manifest, directory = manager.restore(step, Path(tmp), required=True)
         run = load_torch_file(directory / RUN_FILE)
-        model = CHECKPOINT_FORMATS[manifest.checkpoint_format].export_model_state(directory)
-        return model, from_yaml_text(run["config_yaml"]), step
+        reader = CHECKPOINT_FORMATS[manifest.checkpoint_format]
+        model = reader.export_model_state(directory, "ema") if weights in (None, "ema") else None
+        if model is None and weights == "ema":
+            raise CheckpointError(f"the checkpoint {manager.store.uri_for(f'step-{step:08d}')} holds no weight "
+                                  f"average (its run had train.ema.decay=0); use the trained weights (--weights raw "
+                                  f"or eval.weights=raw)")
+        used = "ema" if model is not None else "raw"
+        if model is None:
+            model = reader.export_model_state(directory, "raw")
+        return ConsolidatedModel(model, from_yaml_text(run["config_yaml"]), step, used)
 
 
-def save_model_file(state: dict[str, torch.Tensor], cfg: Config, step: int, out: Path) -> Path:
-    """A one-file model export (``.pt``) that every command taking a checkpoint URI reads."""
+_WEIGHTS = {"ema": "weight average (ema)", "raw": "trained weights (raw)"}
+
+
+def save_model_file(state: dict[str, torch.Tensor], cfg: Config, step: int, out: Path, weights: str = "raw") -> Path:
+    """A one-file model export (``.pt``) that every command taking a checkpoint URI reads; ``weights`` says which
+    it holds (ema | raw)."""
     from ..config import config_hash, to_yaml
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"format": FORMAT_VERSION, "step": step, "model": state, "config_yaml": to_yaml(cfg),
-                       "config_hash": config_hash(cfg)}, out)
+                       "config_hash": config_hash(cfg), "weights": weights}, out)
     return out
 
 

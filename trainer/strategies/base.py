@@ -12,7 +12,8 @@ from torch import nn
 
 from models import TarFlow
 
-from ..config import OptimConfig
+from ..config import EMAConfig, OptimConfig
+from ..ema import WeightAverage
 
 
 @dataclass
@@ -43,10 +44,56 @@ class Strategy(ABC):
         """Context for micro-batches whose gradients are not yet reduced (all but the last of a step)."""
         return contextlib.nullcontext()
 
-    def inference(self) -> contextlib.AbstractContextManager[TarFlow]:
-        """Context yielding a model that can run every entry point (``reverse``, ``denoise``), not only forward.
-        All ranks enter it together."""
-        return contextlib.nullcontext(self.unwrapped)
+    def inference(self, weights: str = "raw") -> contextlib.AbstractContextManager[TarFlow]:
+        """Context yielding a model that can run every entry point (``reverse``, ``denoise``), not only forward,
+        with the trained weights (``raw``) or the weight average (``ema``). All ranks enter it together."""
+        return self._weights_in_place(weights)
+
+    def evaluating(self, weights: str = "raw") -> contextlib.AbstractContextManager[TarFlow]:
+        """Context yielding a model for forward passes only (held-out bits/dim), with those weights; sharded
+        strategies keep their parameters sharded (``inference`` gathers them)."""
+        return self._weights_in_place(weights)
+
+    # ---------------------------------------------------------------- the weight average (train.ema)
+    ema: WeightAverage | None = None
+
+    def attach_ema(self, config: EMAConfig) -> None:
+        """After ``setup``: keep an fp32 average of the weights, in the parts of them this rank holds."""
+        self.ema = WeightAverage(config, self.ema_sources())
+
+    def ema_sources(self) -> dict[str, torch.Tensor]:
+        """This rank's fp32 part of each parameter, by name: the whole parameter for a replica (DDP), the local shard
+        of a sharded one (FSDP's DTensors); DeepSpeed's are fragments of its fp32 master partition."""
+        return dict(self.unwrapped.named_parameters())
+
+    def update_ema(self, step: int) -> None:
+        """After an applied optimizer step (a skipped one must not call it)."""
+        if self.ema is not None:
+            self.ema.update(self.ema_sources(), step)
+
+    def full_ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """``full_model_state_dict`` with the averaged weights (buffers as the model has them). Collective."""
+        with self._weights_in_place("ema"):  # copied out: a replica's state dict holds views of the parameters
+            return {k: v.detach().clone() for k, v in self.full_model_state_dict().items()}
+
+    @contextlib.contextmanager
+    def _weights_in_place(self, weights: str):
+        """The model, with the average copied into its parameters for the duration (``ema``) and the trained
+        weights put back, bit for bit, afterwards: one extra copy of this rank's part, never a gathered replica."""
+        if weights == "raw" or self.ema is None:
+            yield self.unwrapped
+            return
+        params = dict(self.unwrapped.named_parameters())
+        with torch.no_grad():
+            trained = {name: p.detach().clone() for name, p in params.items()}
+            for name, average in self.ema.averages.items():
+                params[name].copy_(average)
+        try:
+            yield self.unwrapped
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(trained[name])
 
     @property
     def replicated(self) -> bool:
@@ -87,5 +134,6 @@ class Strategy(ABC):
 
     @classmethod
     @abstractmethod
-    def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
-        """The whole model's fp32 state dict from a checkpoint directory of this format, in one process."""
+    def export_model_state(cls, directory: Path, weights: str = "raw") -> dict[str, torch.Tensor] | None:
+        """The whole model's fp32 state dict from a checkpoint directory of this format, in one process: the trained
+        weights (``raw``) or the weight average (``ema``; None when the checkpoint holds none)."""

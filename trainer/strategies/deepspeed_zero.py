@@ -12,7 +12,7 @@ from torch import nn
 
 from models import TarFlow
 
-from ..checkpoint.files import load_torch_file
+from ..checkpoint.files import CheckpointError, load_torch_file
 from ..config import OptimConfig
 from ..optim import parameter_groups
 from .base import StepResult, Strategy
@@ -78,18 +78,60 @@ class DeepSpeedZeRO(Strategy):
         return self.stage < 3
 
     @contextlib.contextmanager
-    def inference(self):
-        if self.stage < 3:
+    def inference(self, weights: str = "raw"):
+        average = weights == "ema" and self.ema is not None
+        if self.stage < 3 and not average:
             yield self.engine.module
             return
         # ZeRO-3's hooks release parameters after every module forward and backward, even inside
         # GatheredParameters, so denoise's backward would leave the next reverse with empty partitions: sample from
-        # a plain copy of the full fp32 weights instead (the memory a full gather takes anyway).
+        # a plain copy of the full fp32 weights instead (the memory a full gather takes anyway). The average exists
+        # only as fragments of the partitioned master copy, so it is gathered the same way at every stage.
         module = self.engine.module
         replica = type(module)(module.config).to(self.device)
-        replica.load_state_dict(self.full_model_state_dict())
+        replica.load_state_dict(self.full_ema_state_dict() if average else self.full_model_state_dict())
         replica.train(module.training)
         yield replica
+
+    def evaluating(self, weights: str = "raw"):
+        if weights == "ema" and self.ema is not None:
+            return self.inference(weights)  # the average is gathered into a replica
+        return contextlib.nullcontext(self.engine.module)
+
+    # ---------------------------------------------------------------- the weight average: the fp32 master's fragments
+    def _fragments(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """Per parameter, this rank's slice of DeepSpeed's fp32 master copy and where it starts in the flattened
+        parameter. Stages 1 and 2 partition the flat buffer of a parameter group, so a rank may hold a piece of a
+        parameter or none of it; stage 3 gives every rank an equal slice of each parameter (the last one padded)."""
+        fragments = {}
+        for name, p in self.engine.module.named_parameters():
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param
+                fragments[name] = (safe_get_local_fp32_param(p), self.engine.global_rank * p.ds_tensor.ds_numel)
+            elif getattr(p, "_hp_mapping", None) is not None:
+                fragments[name] = (p._hp_mapping.get_hp_fragment(), p._hp_mapping.lp_fragment_address.start)
+        return fragments
+
+    def ema_sources(self) -> dict[str, torch.Tensor]:
+        return {name: fragment for name, (fragment, _) in self._fragments().items()}
+
+    def full_ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: each rank writes its fragments into a zero tensor of the full parameter, one sum over the
+        ranks assembles it (what DeepSpeed's own get_full_hp_param does for the master weights)."""
+        import torch.distributed as dist
+
+        if self.ema is None:
+            return self.full_model_state_dict()
+        starts = {name: start for name, (_, start) in self._fragments().items()}
+        state = {k: b.detach().cpu().clone() for k, b in self.engine.module.named_buffers()}
+        for name, p in self.engine.module.named_parameters():
+            shape = p.ds_shape if self.stage == 3 else p.shape
+            full = torch.zeros(torch.Size(shape).numel(), dtype=torch.float32, device=self.device)
+            if name in starts:
+                _place(full, self.ema.averages[name], starts[name])
+            dist.all_reduce(full)
+            state[name] = full.view(shape).cpu()
+        return state
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divides by the accumulation steps
@@ -125,22 +167,66 @@ class DeepSpeedZeRO(Strategy):
     TAG = "deepspeed"
     BUFFERS = "buffers.pt"  # the prior's variance: a buffer, which zero_to_fp32 does not export
 
+    EMA = "ema-rank{rank:05d}.pt"  # each rank's fragments of the weight average, with where they start
+    EMA_FILES = "ema-rank*.pt"
+
     def save_state(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
         if self.engine.global_rank == 0:
             torch.save({k: b.detach().cpu() for k, b in self.engine.module.named_buffers()}, directory / self.BUFFERS)
+        if self.ema is not None:
+            shapes = {name: tuple(p.ds_shape if self.stage == 3 else p.shape)
+                      for name, p in self.engine.module.named_parameters()}
+            starts = {name: start for name, (_, start) in self._fragments().items()}
+            torch.save({**self.ema.state_dict(), "starts": starts, "shapes": shapes},
+                       directory / self.EMA.format(rank=self.engine.global_rank))
 
     def load_state(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{self.TAG}")
+        if self.ema is None:
+            return
+        file = directory / self.EMA.format(rank=self.engine.global_rank)
+        if not file.exists():  # written without an average (train.ema switched on at this resume)
+            self.ema.reset(self.ema_sources())
+            return
+        saved = load_torch_file(file, map_location=self.device)
+        starts = {name: start for name, (_, start) in self._fragments().items()}
+        if saved["starts"] != starts:
+            raise CheckpointError(f"{file}: its weight-average fragments start elsewhere than this run's partition "
+                                  f"(another DeepSpeed layout); resume with the stage and ranks it was written by")
+        self.ema.load_state_dict(saved, shown_as=str(file))
 
     @classmethod
-    def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+    def export_model_state(cls, directory: Path, weights: str = "raw") -> dict[str, torch.Tensor] | None:
+        buffers = load_torch_file(directory / cls.BUFFERS)
+        if weights == "ema":
+            files = sorted(directory.glob(cls.EMA_FILES))
+            return {**_assemble_average(files), **buffers} if files else None
         require_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = dict(get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=cls.TAG))
-        state.update(load_torch_file(directory / cls.BUFFERS))
+        state.update(buffers)
         return state
+
+
+def _place(full: torch.Tensor, fragment: torch.Tensor, start: int) -> None:
+    """Write ``fragment`` into the flat ``full`` at ``start``; a ZeRO-3 slice's padding past the end is dropped."""
+    n = min(fragment.numel(), full.numel() - start)
+    full[start:start + n] = fragment.reshape(-1)[:n].to(full.device)
+
+
+def _assemble_average(files: list[Path]) -> dict[str, torch.Tensor]:
+    """The full averaged parameters from every rank's fragment file, in one process."""
+    shapes, full = None, {}
+    for file in files:
+        saved = load_torch_file(file)
+        if shapes is None:
+            shapes = saved["shapes"]
+            full = {name: torch.zeros(torch.Size(shape).numel()) for name, shape in shapes.items()}
+        for name, start in saved["starts"].items():
+            _place(full[name], saved["averages"][name], start)
+    return {name: flat.view(shapes[name]) for name, flat in full.items()}

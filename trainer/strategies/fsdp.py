@@ -82,7 +82,12 @@ class FullyShardedDataParallel(SingleDevice):
             self._module.set_requires_gradient_sync(True)
 
     @contextlib.contextmanager
-    def inference(self):
+    def inference(self, weights: str = "raw"):
+        with self._weights_in_place(weights), self._gathered() as model:  # the average's shards, then gathered
+            yield model
+
+    @contextlib.contextmanager
+    def _gathered(self):
         units = self._units()
         for unit in units:  # denoise runs a backward: keep the units gathered through it as well
             unit.set_reshard_after_forward(False)
@@ -111,29 +116,47 @@ class FullyShardedDataParallel(SingleDevice):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         return get_model_state_dict(self._module, options=self._options())
 
-    def save_state(self, directory: Path) -> None:
-        import torch.distributed.checkpoint as dcp
+    def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optimizer = get_state_dict(self._module, self.optimizer)
-        dcp.save({"model": model, "optimizer": optimizer}, storage_writer=dcp.FileSystemWriter(directory))
+        state = {"model": model, "optimizer": optimizer}
+        if self.ema is not None:  # its DTensors are sharded like the parameters, and reshard like them on load
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def save_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), storage_writer=dcp.FileSystemWriter(directory))
 
     def load_state(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        model, optimizer = get_state_dict(self._module, self.optimizer)
-        state = {"model": model, "optimizer": optimizer}
-        dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+        reader = dcp.FileSystemReader(directory)
+        state = self._state()
+        saved_average = any(key.startswith("ema.") for key in reader.read_metadata().state_dict_metadata)
+        if "ema" in state and not saved_average:  # train.ema switched on at this resume: it starts from here
+            del state["ema"]
+        dcp.load(state, storage_reader=reader)
         set_state_dict(self._module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.updates = int(state["ema"]["updates"])  # the averages were loaded in place
+            else:
+                self.ema.reset(self.ema_sources())
 
     @classmethod
-    def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
+    def export_model_state(cls, directory: Path, weights: str = "raw") -> dict[str, torch.Tensor] | None:
         import tempfile
 
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+        from .single import with_weights
+
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(directory, Path(tmp) / "full.pt")
-            return load_torch_file(Path(tmp) / "full.pt", shown_as=directory)["model"]
+            state = load_torch_file(Path(tmp) / "full.pt", shown_as=directory)
+        return with_weights(state["model"], state.get("ema"), weights)

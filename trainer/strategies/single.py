@@ -68,17 +68,35 @@ class SingleDevice(Strategy):
 
     def save_state(self, directory: Path) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            torch.save({"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       directory / self.FILE)
+            state = {"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict()}
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            torch.save(state, directory / self.FILE)
 
     def load_state(self, directory: Path) -> None:
         state = load_torch_file(directory / self.FILE, map_location=self.device)
         self._module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"], shown_as=str(directory / self.FILE))
+            else:  # written without an average (train.ema switched on at this resume): it starts from here
+                self.ema.reset(self.ema_sources())
 
     @classmethod
-    def export_model_state(cls, directory: Path) -> dict[str, torch.Tensor]:
-        return load_torch_file(directory / cls.FILE)["model"]
+    def export_model_state(cls, directory: Path, weights: str = "raw") -> dict[str, torch.Tensor] | None:
+        state = load_torch_file(directory / cls.FILE)
+        return with_weights(state["model"], state.get("ema"), weights)
+
+
+def with_weights(model: dict[str, torch.Tensor], ema: dict | None, weights: str) -> dict[str, torch.Tensor] | None:
+    """A full model state dict: as trained (``raw``), or with the averaged parameters of a saved ``WeightAverage``
+    state over it (``ema``; None when there is none)."""
+    if weights == "raw":
+        return model
+    if not ema:
+        return None
+    return {**model, **{name: value.detach().cpu() for name, value in ema["averages"].items()}}
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
