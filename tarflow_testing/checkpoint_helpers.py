@@ -26,8 +26,9 @@ def strategy_state(uri) -> dict:
         return torch.load(directory / "model_optimizer.pt", map_location="cpu", weights_only=True)
 
 
-def model_state(uri) -> dict:
-    """The consolidated fp32 model of any strategy's checkpoint (or a root's newest)."""
+def model_state(uri, weights: str = "raw") -> dict:
+    """The consolidated fp32 model of any strategy's checkpoint (or a root's newest): as trained, or its weight
+    average (``weights="ema"``)."""
     from trainer.checkpoint.export import consolidated_model
 
-    return consolidated_model(str(uri))[0]
+    return consolidated_model(str(uri), weights).state

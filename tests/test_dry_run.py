@@ -148,3 +148,14 @@ def test_a_run_dir_that_cannot_be_made_is_named(tmp_path, monkeypatch, capsys):
         assert dry(f"train.run_dir={tmp_path / 'locked' / 'run'}") == 2
         assert "is not writable by this user" in capsys.readouterr().err
     assert tree_digest(tmp_path) == before
+
+
+def test_unreachable_data_is_a_failed_check_after_which_the_plan_still_prints(unchanged, capsys):
+    assert dry("data.format=webdataset", f"data.uri={unchanged / 'nowhere'}", f"train.run_dir={unchanged / 'run'}",
+               "--all-strategies") == 2
+    out, err = capsys.readouterr()
+    assert "ok  config: valid for 1 rank(s)" in out and "FAIL data: cannot read the dataset manifest" in out
+    assert f"ok  checkpoints: {unchanged / 'run' / 'checkpoints'}" in out and "resume: start fresh" in out
+    assert "memory plan: single on 1 rank(s)" in out and out.index("FAIL data") < out.index("memory plan")
+    assert "per rank by strategy, GiB: 1 rank(s)" in out and "* single" in out and "deepspeed ZeRO-3" in out
+    assert err.count("\n") == 1 and "dry run: 1 check(s) failed (FAIL above): data: cannot read" in err

@@ -20,7 +20,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import load_config
 from trainer.loop import train
 
-STEPS = ["train.steps=12", "checkpoint.every=4", "checkpoint.keep=5", "eval.at_start=false"]
+STEPS = ["train.steps=12", "checkpoint.every=4", "checkpoint.keep=5", "eval.at_start=false", "train.ema.decay=0.8"]
 
 
 def torchrun(args, nproc=2, check=True):
@@ -64,9 +64,11 @@ def test_resume_from_s3_reproduces_the_uninterrupted_run(tmp_path, s3_bucket, st
     resumed = run(strategy, tmp_path / "crashed", f"s3://{s3_bucket}/crashed")
     if strategy != "single":
         assert "resumed from step 8" in resumed.stdout
-    a, b = model_state(f"{straight}/step-00000012"), model_state(f"s3://{s3_bucket}/crashed/step-00000012")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for weights in ("raw", "ema"):  # the weight average too, bit for bit
+        a = model_state(f"{straight}/step-00000012", weights)
+        b = model_state(f"s3://{s3_bucket}/crashed/step-00000012", weights)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (weights, key)
     after = {s: v for s, v in losses(tmp_path / "straight").items() if s > 8}
     assert losses(tmp_path / "crashed") == after  # steps 9-12 only, each with the uninterrupted run's loss
     # The final held-out bits/dim covers all 180 images on any number of ranks, and one process evaluating the
@@ -77,6 +79,7 @@ def test_resume_from_s3_reproduces_the_uninterrupted_run(tmp_path, s3_bucket, st
     assert main(["eval", f"{straight}/step-00000012", "--device", "cpu"]) == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert report["weights"] == summary["weights"] == "ema"  # both default to the run's average
     assert report["images"] == 180
     assert report["bits_per_dim"] == pytest.approx(summary["final_bits_per_dim"], rel=1e-9)
 
@@ -87,7 +90,7 @@ def test_sigterm_saves_exits_with_the_requeue_code_and_resumes_exactly(tmp_path,
     to S3, wait for the upload and exit with 75; a second SIGTERM during the save changes nothing. The resumed run
     matches a run that was never interrupted."""
     overrides = [*TINY, "train.strategy=ddp", "train.steps=80", "checkpoint.every=40", "eval.at_start=false",
-                 "logging.every=1", "logging.progress=false", "sample.num=2"]
+                 "logging.every=1", "logging.progress=false", "sample.num=2", "train.ema.decay=0.8"]
     uri = f"s3://{s3_bucket}/preempted"
     run_dir = tmp_path / "preempted"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -117,9 +120,10 @@ def test_sigterm_saves_exits_with_the_requeue_code_and_resumes_exactly(tmp_path,
     run("ddp", run_dir, uri, *overrides[len(TINY):])  # the requeued attempt: resume=auto
     straight = tmp_path / "straight"
     run("ddp", straight, f"s3://{s3_bucket}/straight", *overrides[len(TINY):])
-    a, b = model_state(f"s3://{s3_bucket}/straight"), model_state(uri)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for weights in ("raw", "ema"):
+        a, b = model_state(f"s3://{s3_bucket}/straight", weights), model_state(uri, weights)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (weights, key)
     assert losses(run_dir) == losses(straight)  # every step once, each with the uninterrupted run's loss
     assert not (run_dir / "preempted.json").exists()
 

@@ -41,4 +41,6 @@ def test_unknown_or_misplaced_flags_are_one_line_errors(tmp_path, monkeypatch, c
     assert err.count("\n") == 0 and "does not know the option '--dryrun'" in err
     assert main(["train", "--world-size", "8", "train.steps=3"]) == 2
     assert "use them with --dry-run or --print-config" in capsys.readouterr().err
+    assert main(["train", "--all-strategies", "train.steps=3"]) == 2
+    assert "use it with --dry-run" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -335,6 +335,12 @@ class Trainer:
 
 def check_launch(cfg: Config, env: ProcessEnv) -> None:
     """Everything that can be checked before a process group exists."""
+    check_launch_config(cfg, env)
+    check_model_matches_data(cfg)
+
+
+def check_launch_config(cfg: Config, env: ProcessEnv) -> None:
+    """``check_launch`` without reading the data: the config for this launch, the strategy against it."""
     validate(cfg, env.world_size)
     strategy = cfg.train.strategy
     if strategy in DISTRIBUTED and env.scheduler == "none":
@@ -344,7 +350,6 @@ def check_launch(cfg: Config, env: ProcessEnv) -> None:
         raise ValueError(f"train.strategy={strategy} but this is one of {env.world_size} processes; choose "
                          f"train.strategy=ddp")
     check_strategy_config(cfg, env.world_size)
-    check_model_matches_data(cfg)
 
 
 def train(cfg: Config, env: ProcessEnv | None = None) -> TrainResult:
