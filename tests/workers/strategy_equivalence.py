@@ -96,9 +96,12 @@ def compare(strategy_name: str, out: Path, env, device, references: dict) -> Non
         # the one-process reference first: no rank may leave while another still computes
         single, trajectory = SingleDevice(device), []
         ref_losses, ref_params = run(single, 1, 0, bf16=bf16, trajectory=trajectory)
-        references[bf16] = ref_losses, ref_params, training_state_bytes(single), hand_ema(trajectory)
+        ref_ema = hand_ema(trajectory)
+        single_ema = single.full_ema_state_dict()
+        single_ema_diff = max((single_ema[k].double() - ref_ema[k]).abs().max().item() for k in ref_ema)
+        references[bf16] = ref_losses, ref_params, training_state_bytes(single), ref_ema, single_ema_diff
     if env.rank == 0:
-        ref_losses, ref_params, replica_bytes, ref_ema = references[bf16]
+        ref_losses, ref_params, replica_bytes, ref_ema, single_ema_diff = references[bf16]
     options = FSDPConfig(unit="block" if "block" in variants else "layer", hybrid="hybrid" in variants,
                          reshard_after_forward="keep" not in variants)
     ds_config = None
@@ -148,7 +151,7 @@ def compare(strategy_name: str, out: Path, env, device, references: dict) -> Non
             plain_denoised = plain.denoise(sampled, labels, noise_std=0.05)
         ema_diff = max((ema["full"][k].double() - ref_ema[k]).abs().max().item() for k in ref_ema)
         out.write_text(json.dumps({
-            **{k: v for k, v in ema.items() if k != "full"}, "ema_diff": ema_diff,
+            **{k: v for k, v in ema.items() if k != "full"}, "ema_diff": ema_diff, "single_ema_diff": single_ema_diff,
             "strategy": losses, "single": ref_losses, "max_rel_param": rel, "max_abs_param": abs_diff,
             "far_fraction": far, "lr_sum": sum(LRS),
             "state_bytes": held.item(), "replica_bytes": replica_bytes,
