@@ -131,6 +131,7 @@ def _heldout_batches(uri, fmt):
     return [(b.images, b.labels, b.indices) for b in loader]
 
 
+@pytest.mark.streaming  # builds an MDS loader: see tests/conftest.py
 @pytest.mark.parametrize("fmt", ["webdataset", "mds"])
 def test_parts_written_apart_and_finalized_hold_the_dataset_of_one_write(tmp_path, fmt):
     source = open_source("digits")
