@@ -1,7 +1,7 @@
 """A model as a Hugging Face-layout directory: ``model.safetensors`` (the state dict) and ``config.json``.
 
 ``config.json`` holds the ``TarFlowConfig`` fields at top level, ``model_type``, ``architectures``, a
-``format_version``, and the exporter's metadata under ``"tarflow"`` (which weights, which step). It is written last:
+``format_version``, the sha256 of the weights file (checked before loading), and the exporter's metadata under ``"tarflow"`` (which weights, which step). It is written last:
 a directory is loadable only once its weights are complete. Loading never unpickles (safetensors holds raw tensors
 and a JSON header), so an export from elsewhere can be opened safely.
 
@@ -11,6 +11,7 @@ and a JSON header), so an export from elsewhere can be opened safely.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, fields
@@ -30,7 +31,7 @@ FORMAT_VERSION = 1
 MODEL_TYPE = "tarflow"
 METADATA_KEY = "tarflow"
 # config.json keys that are not TarFlowConfig fields.
-_RESERVED_KEYS = ("model_type", "architectures", "format_version", METADATA_KEY)
+_RESERVED_KEYS = ("model_type", "architectures", "format_version", "weights_sha256", METADATA_KEY)
 
 
 class PretrainedError(ValueError):
@@ -42,7 +43,7 @@ def save_pretrained(model: TarFlow, directory: str | os.PathLike, *, metadata: d
     """Write ``model``'s state dict to ``directory/model.safetensors``, then ``config.json``; returns the directory."""
     directory = Path(directory)
     # Serialise first: metadata JSON cannot hold must fail before anything on disk changes.
-    config_text = _config_json(model.config, metadata)
+    _config_json(model.config, metadata, "")
     # safetensors stores contiguous CPU tensors; the dtype stays as it is (the model's fp32).
     tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     _make_directory(directory)
@@ -50,13 +51,24 @@ def save_pretrained(model: TarFlow, directory: str | os.PathLike, *, metadata: d
     (directory / CONFIG_FILE).unlink(missing_ok=True)
     # "format": "pt" is what transformers' safetensors loader expects in the header.
     _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    # safetensors checks its header, not the tensor bytes: the digest catches a flipped byte anywhere
+    config_text = _config_json(model.config, metadata, _sha256(directory / WEIGHTS_FILE))
     _atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config_text))
     return directory
 
 
-def _config_json(config: TarFlowConfig, metadata: dict | None) -> str:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _config_json(config: TarFlowConfig, metadata: dict | None, weights_sha256: str) -> str:
     document = {**asdict(config), "model_type": MODEL_TYPE, "architectures": ["TarFlow"],
-                "format_version": FORMAT_VERSION, METADATA_KEY: dict(metadata or {})}
+                "format_version": FORMAT_VERSION, "weights_sha256": weights_sha256,
+                METADATA_KEY: dict(metadata or {})}
     try:
         return json.dumps(document, indent=2, sort_keys=False) + "\n"
     except (TypeError, ValueError) as e:
@@ -104,7 +116,7 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     directory = Path(directory)
     config = read_pretrained_config(directory)
     path = directory / WEIGHTS_FILE
-    state = _load_weights(path)
+    state = _load_weights(path, _read_config_document(directory / CONFIG_FILE).get("weights_sha256"))
     model = TarFlow(config)
     try:
         check_state_dict_matches(model, state, source=str(path), check_dtype=True)
@@ -115,10 +127,14 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     return model.to(map_location).eval()
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def _load_weights(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PretrainedError(f"{path} not found: a save_pretrained directory holds {WEIGHTS_FILE} and "
                               f"{CONFIG_FILE}")
+    # Directories written elsewhere (transformers-style tools) may carry no digest: their header is still checked.
+    if expected_sha256 and _sha256(path) != expected_sha256:
+        raise PretrainedError(f"{path}: its sha256 is not the weights_sha256 {CONFIG_FILE} records: the file is "
+                              f"corrupted or was replaced; export the model again")
     try:
         return load_file(path, device="cpu")
     except SafetensorError as e:

@@ -203,8 +203,8 @@ def test_a_broken_safetensors_export_is_one_line(checkpoint, tmp_path, capsys):
     capsys.readouterr()
     (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:-64])
     assert main(["eval", str(out), "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.startswith(f"tarflow eval: error: {out}/model.safetensors is not a readable "
-                                              f"safetensors file")
+    assert capsys.readouterr().err.startswith(f"tarflow eval: error: {out}/model.safetensors: its sha256 is not "
+                                              f"the weights_sha256 config.json records")
     (tmp_path / "model.pt").write_bytes(b"")
     assert main(["ckpt", "export", checkpoint["checkpoint"], "--format", "safetensors",
                  "--out", str(tmp_path / "model.pt")]) == 2

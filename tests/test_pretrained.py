@@ -1,5 +1,6 @@
 """models.pretrained: save_pretrained → from_pretrained is exact, never unpickles, and every broken file is named."""
 
+import hashlib
 import json
 import struct
 
@@ -45,10 +46,13 @@ def samples(model: TarFlow, **kwargs) -> torch.Tensor:
 
 
 def rewrite_weights(directory, change) -> None:
-    """Apply ``change`` to the exported state dict and write it back as a valid safetensors file."""
+    """Apply ``change`` to the exported state dict and write it back as a valid safetensors file, with its digest
+    in config.json (a self-consistent export of other weights)."""
     state = load_file(directory / WEIGHTS_FILE)
     change(state)
     save_file(state, str(directory / WEIGHTS_FILE))
+    digest = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+    rewrite_config(directory, lambda d: d.__setitem__("weights_sha256", digest))
 
 
 def rewrite_config(directory, change) -> None:
@@ -113,13 +117,32 @@ def test_exporting_onto_a_file_is_refused(model, tmp_path):
 
 
 # ---------------------------------------------------------------- a broken model.safetensors
-@pytest.mark.parametrize("damage", ["truncated", "header_bytes", "header_length", "empty"])
+DAMAGE = ["truncated", "header_bytes", "header_length", "empty", "tensor_byte"]
+
+
+def damaged(raw: bytes, damage: str) -> bytes:
+    tensor_byte = len(raw) - 10  # inside the last tensor's data: safetensors' header check cannot see it
+    return {"truncated": raw[:-100], "header_bytes": raw[:8] + b"\xff\xfe\x00\x01" + raw[12:],
+            "header_length": b"\xff" * 8 + raw[8:], "empty": b"",
+            "tensor_byte": raw[:tensor_byte] + bytes([raw[tensor_byte] ^ 0x40]) + raw[tensor_byte + 1:]}[damage]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
 def test_a_corrupted_weights_file_names_the_file(exported, damage):
     path = exported / WEIGHTS_FILE
-    raw = path.read_bytes()
-    broken = {"truncated": raw[:-100], "header_bytes": raw[:8] + b"\xff\xfe\x00\x01" + raw[12:],
-              "header_length": b"\xff" * 8 + raw[8:], "empty": b""}[damage]
-    path.write_bytes(broken)
+    path.write_bytes(damaged(path.read_bytes(), damage))
+    with pytest.raises(PretrainedError) as e:
+        TarFlow.from_pretrained(exported)
+    assert f"{path}: its sha256 is not the weights_sha256 {CONFIG_FILE} records" in str(e.value)
+    assert "corrupted or was replaced; export the model again" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", [d for d in DAMAGE if d != "tensor_byte"])
+def test_without_a_digest_a_broken_header_still_names_the_file(exported, damage):
+    """A directory another tool wrote, with no weights_sha256: safetensors' own checks remain."""
+    rewrite_config(exported, lambda d: d.pop("weights_sha256"))
+    path = exported / WEIGHTS_FILE
+    path.write_bytes(damaged(path.read_bytes(), damage))
     with pytest.raises(PretrainedError) as e:
         TarFlow.from_pretrained(exported)
     assert f"{path} is not a readable safetensors file" in str(e.value)
