@@ -1,7 +1,8 @@
 """A model as a Hugging Face-layout directory: ``model.safetensors`` (the state dict) and ``config.json``.
 
 ``config.json`` holds the ``TarFlowConfig`` fields at top level, ``model_type``, ``architectures``, a
-``format_version``, the sha256 of the weights file (checked before loading), and the exporter's metadata under ``"tarflow"`` (which weights, which step). It is written last:
+``format_version``, the sha256 of the weights file (checked before loading), and the exporter's metadata under
+``"tarflow"`` (which weights, which step). It is written last:
 a directory is loadable only once its weights are complete. Loading never unpickles (safetensors holds raw tensors
 and a JSON header), so an export from elsewhere can be opened safely.
 
