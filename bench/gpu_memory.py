@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gpu_memory.py [--sizes digits,imagenet64-s,imagenet64-paper] [--checkpointing 0,1]
                                          [--strategies single,ddp,fsdp,deepspeed:1,deepspeed:2,deepspeed:3]
-                                         [--steps 3] [--out results.json]
+                                         [--steps 3] [--ema 0.9999] [--out results.json]
 
 For every model size, activation-checkpointing setting and strategy: a few bf16 training steps (Gaussian noise,
 as the paper's runs; bf16 autocast, fp32 parameters and AdamW), then three figures against the plan's, as
@@ -13,6 +13,8 @@ measured / planned:
 - ``activations``: what the last forward left allocated, against ``activations.configured``;
 - ``peak``: ``max_memory_allocated`` over the steps, against ``peak`` (which leaves out allocator slack, FSDP's
   gathered units and the optimizer's temporaries: expect a ratio above 1).
+
+``--ema DECAY`` trains with ``train.ema.decay=DECAY``: the weight average is then in both the state and the plan.
 
 Every strategy runs in its own ``torchrun --nproc_per_node=1`` process, so DDP, FSDP2 and DeepSpeed wrap the model
 as in a real run, on ONE rank: this checks the plan's per-rank formulas at world size 1 only. The sharding itself
@@ -47,15 +49,15 @@ SIZES: dict[str, tuple[list[str], int]] = {
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed:1", "deepspeed:2", "deepspeed:3")
 
 
-def overrides(size: str, strategy: str, checkpointing: int) -> list[str]:
+def overrides(size: str, strategy: str, checkpointing: int, ema: float = 0.0) -> list[str]:
     model, micro = SIZES[size]
     name, _, stage = strategy.partition(":")
     return [*model, f"train.micro_batch={micro}", f"train.global_batch={micro}", "train.noise=gaussian",
             "train.precision=bf16", f"train.activation_checkpointing={checkpointing}", f"train.strategy={name}",
-            *([f"deepspeed.stage={stage}"] if stage else [])]
+            f"train.ema.decay={ema}", *([f"deepspeed.stage={stage}"] if stage else [])]
 
 
-def measure(size: str, strategy_name: str, checkpointing: int, steps: int, device) -> dict:
+def measure(size: str, strategy_name: str, checkpointing: int, steps: int, device, ema: float = 0.0) -> dict:
     """One configuration in this process (its process group already made); the three figures and the plan's."""
     import gc
 
@@ -69,7 +71,7 @@ def measure(size: str, strategy_name: str, checkpointing: int, steps: int, devic
 
     cuda = device.type == "cuda"
     allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
-    cfg = load_config(None, overrides(size, strategy_name, checkpointing), world_size=1)
+    cfg = load_config(None, overrides(size, strategy_name, checkpointing, ema), world_size=1)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -80,6 +82,8 @@ def measure(size: str, strategy_name: str, checkpointing: int, steps: int, devic
     model = TarFlow(cfg.model)
     apply_activation_checkpointing(model, checkpointing)
     strategy.setup(model, cfg.optim)
+    if cfg.train.ema.decay > 0:
+        strategy.attach_ema(cfg.train.ema)
     plan = plan_memory(cfg, 1, bf16=True, deepspeed_config=getattr(strategy, "ds_config", None))
     m, micro = cfg.model, cfg.train.micro_batch
     state = activations = 0
@@ -94,8 +98,10 @@ def measure(size: str, strategy_name: str, checkpointing: int, steps: int, devic
         del loss
         state = allocated() - base - (x.numel() * x.element_size() if cuda else 0)  # the batch is no state
         strategy.step(1e-4, cfg.optim.grad_clip, torch.tensor(True, device=device))
+        strategy.update_ema(step + 1)
     peak = torch.cuda.max_memory_allocated() - base if cuda else 0
-    result = {"size": size, "strategy": strategy_name, "checkpointing": checkpointing, "parameters": plan.parameters,
+    result = {"size": size, "strategy": strategy_name, "checkpointing": checkpointing, "ema": ema,
+              "parameters": plan.parameters,
               "micro_batch": micro, "measured": {"state": state, "activations": activations, "peak": peak},
               "plan": {"state": plan.state.held_at_step, "activations": plan.activations.configured,
                        "peak": plan.peak}}
@@ -117,7 +123,7 @@ def worker(args: argparse.Namespace) -> None:
         for size in args.sizes.split(","):
             for checkpointing in (int(k) for k in args.checkpointing.split(",")):
                 try:
-                    result = measure(size, args.worker, checkpointing, args.steps, device)
+                    result = measure(size, args.worker, checkpointing, args.steps, device, args.ema)
                 except torch.OutOfMemoryError as e:
                     result = {"size": size, "strategy": args.worker, "checkpointing": checkpointing,
                               "error": f"out of memory: {str(e).splitlines()[0]}"}
@@ -152,6 +158,7 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--checkpointing", default="0,1", help="train.activation_checkpointing values")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--ema", type=float, default=0.0, help="train.ema.decay (0: no weight average)")
     parser.add_argument("--out", default="", help="also write the results as JSON here")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run the digits size on the CPU to check the script (no memory figures)")
@@ -176,7 +183,8 @@ def main() -> None:
     for i, name in enumerate(args.strategies.split(",")):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--rdzv-backend=c10d",
                f"--rdzv-endpoint=127.0.0.1:{29830 + i}", str(Path(__file__).resolve()), "--worker", name,
-               "--sizes", args.sizes, "--checkpointing", args.checkpointing, "--steps", str(args.steps)] \
+               "--sizes", args.sizes, "--checkpointing", args.checkpointing, "--steps", str(args.steps),
+               "--ema", str(args.ema)] \
             + (["--cpu-smoke"] if args.cpu_smoke else [])
         env = {**os.environ, "OMP_NUM_THREADS": "4", **({"DS_ACCELERATOR": "cpu"} if args.cpu_smoke else {})}
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
