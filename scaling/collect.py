@@ -39,7 +39,7 @@ def collect_results(points: list[Point], state: StudyState, fid: bool = False) -
                 train_flops=float(fpi) * images, train_steps=step, images_seen=images, seed=p.seed,
                 bits_per_dim=float(summary["final_bits_per_dim"]), wall_seconds=wall, status="ok",
                 attempts=max(st.attempts, 1), grid=dict(p.grid), error=st.fid_error if fid and not metrics else "",
-                **metrics))
+                weights=str(summary.get("weights", "raw")), **metrics))
         elif st.status == "failed" or p.error:
             results.append(PointResult(
                 name=p.name, params_total=p.params_total, params_no_embed=p.params_no_embed,

@@ -222,11 +222,14 @@ def fid_dir(run_dir: str | Path) -> Path:
 
 def fid_argv(plan: FidPlan, point) -> list[str] | None:
     """The point's ``tarflow eval`` command line, or None when its run left no checkpoint."""
-    ckpt = (read_summary(point.run_dir) or {}).get("checkpoint")
+    summary = read_summary(point.run_dir) or {}
+    ckpt = summary.get("checkpoint")
     if not ckpt:
         return None
     s = plan.spec
     argv = [*plan.command, str(ckpt), "--metric", s.metric, "--num-samples", str(s.num_samples)]
+    if summary.get("weights"):  # the weights the run's own bits/dim are of (runs from before EMA record none)
+        argv += ["--weights", summary["weights"]]
     if plan.with_fid:
         argv += ["--ref-stats", plan.ref_stats, "--fid-convention", s.convention, "--inception", plan.inception]
     argv += ["--guidance", f"{s.guidance!r}", "--attn-temp", f"{s.attn_temp!r}", "--seed", str(s.seed), "--device",

@@ -28,6 +28,7 @@ class PointResult:
     asks for one, and ``fid_network`` the network it came from (``tiny-random...``: a random stand-in, not an FID);
     ``class_accuracy``, ``classifier_fd``, ``precision``, ``recall`` the offline classifier metrics when it asks;
     ``<metric>_raw`` the same metrics of the same draws without the denoising step (``fid.denoise: both``);
+    ``weights`` whether they are of the run's weight average (``ema``) or its trained weights (``raw``);
     ``grid`` the study's grid values of this point (config key → value)."""
 
     name: str
@@ -53,6 +54,7 @@ class PointResult:
     classifier_fd_raw: float | None = None
     precision_raw: float | None = None
     recall_raw: float | None = None
+    weights: str = "raw"                 # which weights bits/dim and the sample metrics are of: ema | raw
     grid: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,7 +93,7 @@ SAMPLE_METRICS = {"fid": (".4g", "FID"), "class_accuracy": (".3f", "class acc"),
                   "precision": (".3f", "precision"), "recall": (".3f", "recall")}
 RAW = "_raw"
 ALL_SAMPLE_METRICS = (*SAMPLE_METRICS, *(k + RAW for k in SAMPLE_METRICS))
-_OPTIONAL = {"fid_network", *ALL_SAMPLE_METRICS}  # added later: older results.csv files lack them
+_OPTIONAL = {"fid_network", "weights", *ALL_SAMPLE_METRICS}  # added later: older results.csv files lack them
 
 
 def parse_scalar(v: Any) -> Any:
@@ -123,7 +125,8 @@ _CONVERT = {
     "name": str, "params_total": _int, "params_no_embed": _int, "train_flops": _float, "train_steps": _int,
     "images_seen": _int, "seed": _int, "bits_per_dim": _optional_float, "wall_seconds": _float, "status": str,
     "attempts": _int, "error": lambda v: "" if v is None else str(v),
-    "fid_network": lambda v: "" if v is None else str(v), **{k: _optional_float for k in ALL_SAMPLE_METRICS},
+    "fid_network": lambda v: "" if v is None else str(v), "weights": lambda v: str(v or "raw"),
+    **{k: _optional_float for k in ALL_SAMPLE_METRICS},
 }
 
 

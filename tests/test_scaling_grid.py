@@ -122,7 +122,7 @@ def test_grid_values_and_fid_round_trip_through_csv_and_old_files_still_read(tmp
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert header[header.index("fid"):] == ["fid", "fid_network", "class_accuracy", "classifier_fd", "precision",
                                             "recall", "fid_raw", "class_accuracy_raw", "classifier_fd_raw",
-                                            "precision_raw", "recall_raw", "train.noise_std"]
+                                            "precision_raw", "recall_raw", "weights", "train.noise_std"]
     assert read_csv(tmp_path / "results.csv") == results
     # results.csv written before FID and grids existed
     old = tmp_path / "old.csv"

@@ -380,3 +380,26 @@ def test_ctrl_c_asks_the_running_point_to_checkpoint_and_stops_the_study(tmp_pat
     assert (st.status, st.attempts, st.failures) == ("interrupted", 1, 0)
     assert st.history[0]["returncode"] == 75 and st.history[0]["outcome"] == "interrupted"
     assert not (directory / "points" / "c32-steps20-s0").exists()
+
+
+def test_a_point_says_which_weights_its_results_are_of_and_its_fid_samples_the_same(tmp_path, fake):
+    """A run with train.ema reports the weight average's bits/dim (summary.json "weights"); the study's row says so,
+    and the point's `tarflow eval` is asked for the same weights. Runs from before EMA record none: no flag."""
+    from scaling.fid_eval import FidPlan, fid_argv
+    from scaling.spec import FidSpec
+
+    command, _ = fake
+    _, directory, points = _study(tmp_path)
+    _, state, _ = _run(points, directory, command)
+    summary_file = Path(points[0].run_dir) / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary_file.write_text(json.dumps({**summary, "checkpoint": "/ck/step-00000020", "weights": "ema"}))
+    results = collect_results(points, state)
+    assert [r.weights for r in results] == ["ema", "raw", "raw"]
+    write_csv(results, tmp_path / "results.csv")
+    assert read_csv(tmp_path / "results.csv") == results
+    plan = FidPlan(FidSpec(metric="quality"), inception="", network="", ref_stats="", command=["tarflow", "eval"])
+    argv = fid_argv(plan, points[0])
+    assert argv[:3] == ["tarflow", "eval", "/ck/step-00000020"] and argv[argv.index("--weights") + 1] == "ema"
+    (Path(points[1].run_dir) / "summary.json").write_text(json.dumps({**summary, "checkpoint": "/ck/b"}))
+    assert "--weights" not in fid_argv(plan, points[1])
