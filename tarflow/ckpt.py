@@ -56,7 +56,8 @@ def ls(args: argparse.Namespace) -> int:
         if r["complete"]:
             print(f"step {r['step']:>9}  complete    {r['strategy']:<9} {r['world_size']:>3} ranks  "
                   f"{r['files']:>4} files "
-                  f"{r['bytes'] / 2**20:>10.1f} MiB  config {r['config_hash']}")
+                  f"{r['bytes'] / 2**20:>10.1f} MiB  config {r['config_hash']}"
+                  + ("  +ema" if r["weight_average"] else ""))
         else:
             print(f"step {r['step']:>9}  INCOMPLETE  (no manifest: an interrupted save or deletion; never resumed)")
     return 0

@@ -265,3 +265,48 @@ def test_an_exported_model_has_the_official_bits_per_dim_of_tarflow_eval(tmp_pat
     bpd = official_evaluate_bpd(z.double(), logdets.double(), cfg.model.img_size).mean().item()
     assert 0 < bpd < 12
     assert report["bits_per_dim"] == pytest.approx(bpd, rel=1e-6)
+
+
+def test_the_weights_flag_picks_the_average_or_the_trained_weights_and_every_output_says_which(
+        checkpoint, tmp_path, capsys):
+    run_dir = tmp_path / "ema_run"
+    args = ["train", f"train.run_dir={run_dir}", "train.steps=8", "schedule.warmup_steps=2", "model.channels=32",
+            "model.head_dim=16", "model.num_blocks=2", "model.layers_per_block=1", "train.global_batch=32",
+            "train.micro_batch=32", "sample.num=4", "logging.every=4", "logging.progress=false",
+            "train.ema.decay=0.5", "eval.at_start=false"]
+    assert main(args) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["weights"] == "ema" and Path(summary["sample_grids"][0]).name.startswith("final_ema_")
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (final,) = [r for r in records if "eval/bits_per_dim_ema" in r]
+    root = str(run_dir / "checkpoints")
+    capsys.readouterr()
+    assert main(["ckpt", "ls", root]) == 0 and capsys.readouterr().out.rstrip().endswith("+ema")
+    # tarflow eval: the average by default (the run's own final figure), the trained weights on request
+    for flag, weights, key in (([], "ema", "eval/bits_per_dim_ema"), (["--weights", "raw"], "raw",
+                                                                     "eval/bits_per_dim")):
+        assert main(["eval", root, "--device", "cpu", *flag]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["weights"] == weights and report["bits_per_dim"] == pytest.approx(final[key], rel=1e-9)
+    assert final["eval/bits_per_dim_ema"] != final["eval/bits_per_dim"]
+    # exports hold one of the two and say which; the average is not the trained weights
+    ema, raw = model_state(root, "ema"), model_state(root, "raw")
+    assert main(["ckpt", "export", root, "--out", str(tmp_path / "ema.pt")]) == 0
+    assert main(["ckpt", "export", root, "--weights", "raw", "--format", "safetensors", "--out",
+                 str(tmp_path / "raw")]) == 0
+    capsys.readouterr()
+    exported = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert exported["weights"] == "ema" and all(torch.equal(exported["model"][k], v) for k, v in ema.items())
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["tarflow"]["weights"] == "raw"
+    assert all(torch.equal(TarFlow.from_pretrained(tmp_path / "raw").state_dict()[k], v) for k, v in raw.items())
+    assert main(["sample", str(tmp_path / "ema.pt"), "--num", "2", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "ema_g0.png").is_file()
+    capsys.readouterr()
+    # asking for weights a file or a checkpoint does not hold: one line naming it and the way out
+    assert main(["eval", str(tmp_path / "ema.pt"), "--weights", "raw", "--device", "cpu"]) == 2
+    assert "holds the weight average (ema) only, not the trained weights (raw)" in capsys.readouterr().err
+    assert main(["ckpt", "export", checkpoint["checkpoint"], "--weights", "ema", "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no weight average (its run had train.ema.decay=0)" in err and "--weights raw" in err
+    assert not (tmp_path / "x.pt").exists()

@@ -86,7 +86,8 @@ def save_model_file(state: dict[str, torch.Tensor], cfg: Config, step: int, out:
 
 
 def listing(uri: str) -> list[dict]:
-    """Every step prefix under a checkpoint root: step, complete or not, files, bytes, strategy, world size."""
+    """Every step prefix under a checkpoint root: step, complete or not, files, bytes, strategy, world size, whether
+    it holds a weight average."""
     manager = _manager(uri)
     rows = []
     for step, complete in sorted(manager.prefixes().items()):
@@ -94,7 +95,8 @@ def listing(uri: str) -> list[dict]:
         if complete:
             m: Manifest = manager.manifest(step)
             row.update(strategy=m.strategy, world_size=m.world_size, files=len(m.files),
-                       bytes=sum(f["size"] for f in m.files.values()), config_hash=m.config_hash)
+                       bytes=sum(f["size"] for f in m.files.values()), config_hash=m.config_hash,
+                       weight_average=m.weight_average)
         rows.append(row)
     return rows
 

@@ -44,6 +44,7 @@ class Manifest:
     world_size: int
     config_hash: str
     files: dict[str, dict] = field(default_factory=dict)  # key under the step prefix → {"size", "sha256"}
+    weight_average: bool = False  # the strategy's files hold a train.ema average too (absent in older manifests)
     created: float = field(default_factory=time.time)
     version: int = MANIFEST_VERSION
 

@@ -223,7 +223,7 @@ class RunCheckpointer:
         run = {"run": state.to_dict(), "config_yaml": to_yaml(self.cfg), "config_hash": config_hash(self.cfg)}
         manifest = Manifest(step=state.step, strategy=self.cfg.train.strategy,
                             checkpoint_format=self.strategy.checkpoint_format, world_size=self.env.world_size,
-                            config_hash=run["config_hash"])
+                            config_hash=run["config_hash"], weight_average=self.strategy.ema is not None)
 
         def write(directory: Path) -> None:
             self.strategy.save_state(directory)
