@@ -32,17 +32,25 @@ class PreemptionGuard:
         if self.reason is None:
             self.reason = signal.Signals(signum).name
 
+    # What the all-reduce carries: 0 nothing, a signal's number, or this code for the time limit.
+    _TIME_LIMIT = 1000
+
     def requested(self, device: torch.device) -> str | None:
-        """Collective: why this run should stop now (on any rank), or None."""
+        """Collective: why this run should stop now (on any rank), or None. Every rank answers with the same reason,
+        the one some rank saw: a signal reaches the ranks of a job at slightly different moments (SLURM forwards it
+        node by node), so a rank that has not seen it yet still records the signal that stopped the run."""
         if self.reason is None and self.time_limit and time.monotonic() - self.started >= self.time_limit:
             self.reason = f"time limit of {self.time_limit:g} s"
         if not active():
             return self.reason
-        flag = torch.tensor([1.0 if self.reason else 0.0], device=device)
+        code = 0 if self.reason is None else getattr(signal.Signals, self.reason, self._TIME_LIMIT)
+        flag = torch.tensor([float(code)], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.reason is None:
-            self.reason = "another rank was preempted"
-        return self.reason if flag.item() else None
+        agreed = int(flag.item())
+        if agreed:
+            self.reason = f"time limit of {self.time_limit:g} s" if agreed == self._TIME_LIMIT \
+                else signal.Signals(agreed).name
+        return self.reason if agreed else None
 
     def close(self) -> None:
         for number, handler in self._previous.items():
