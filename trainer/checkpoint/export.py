@@ -59,15 +59,16 @@ def consolidated_model(uri: str, weights: str | None = None) -> ConsolidatedMode
     with tempfile.TemporaryDirectory(prefix="tarflow-ckpt-") as tmp:
         manifest, directory = manager.restore(step, Path(tmp), required=True)
         run = load_torch_file(directory / RUN_FILE)
-        reader = CHECKPOINT_FORMATS[manifest.checkpoint_format]
-        model = reader.export_model_state(directory, "ema") if weights in (None, "ema") else None
-        if model is None and weights == "ema":
+        # The manifest says whether the strategy's files hold an average: one export, whichever is asked for.
+        if weights == "ema" and not manifest.weight_average:
             raise CheckpointError(f"the checkpoint {manager.store.uri_for(f'step-{step:08d}')} holds no weight "
                                   f"average (its run had train.ema.decay=0); use the trained weights (--weights raw "
                                   f"or eval.weights=raw)")
-        used = "ema" if model is not None else "raw"
+        used = "ema" if weights in (None, "ema") and manifest.weight_average else "raw"
+        model = CHECKPOINT_FORMATS[manifest.checkpoint_format].export_model_state(directory, used)
         if model is None:
-            model = reader.export_model_state(directory, "raw")
+            raise CheckpointError(f"the checkpoint {manager.store.uri_for(f'step-{step:08d}')}'s manifest lists a "
+                                  f"weight average its files do not hold; export it with --weights raw")
         return ConsolidatedModel(model, from_yaml_text(run["config_yaml"]), step, used)
 
 
